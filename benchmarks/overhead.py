@@ -1,0 +1,325 @@
+"""What dask_gpuresources costs, and what it buys, next to plain Dask resources.
+
+Each comparison runs plain Dask (the baseline) and the plugin (the contender) in the same
+process run, alternating repetitions (baseline, plugin, baseline, plugin, ...) on fresh
+in-process clusters, and reports the median of each. Rows:
+
+1. throughput      tiny GPU=1 tasks on one worker (GPU=4, 4 threads); tasks/s,
+                   ratio = plugin/plain (higher is better).
+2. scaling         the same tiny-task run on 1 and on 16 such workers; microseconds per
+                   task, ratio = plugin/plain (lower is better), and how that per-task cost
+                   grows from 1 to 16 workers.
+3. heterogeneous   40 GPU=1 tasks of 0.5 s on workers declaring GPU=1, GPU=1 and GPU=8
+                   (8 threads each); makespan / ideal (ideal = 40 / 10 devices * 0.5 s).
+4. homogeneous     64 GPU=1 tasks of 0.5 s on 4 workers x GPU=4 (4 threads each);
+                   makespan / ideal (ideal = 64 / 16 devices * 0.5 s).
+
+Usage::
+
+    python benchmarks/overhead.py [--quick] [--json PATH]
+
+The script always exits 0; a row that misses its target is marked MISSED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import dask
+import distributed
+from distributed import Client, LocalCluster, Scheduler, SpecCluster, Worker, get_worker
+
+import dask_gpuresources as gr
+
+SLEEP = 0.5  # seconds per task in the makespan rows
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "overhead.json"
+
+
+# -- task functions (module level, so their key prefixes are stable) -------------------------
+
+
+def tiny(i):
+    return i
+
+
+def tiny_gpu(i):
+    return gr.get_gpu_ids()
+
+
+def warm(i):
+    # Warm-up for the makespan rows: its own key prefix, so it teaches the scheduler nothing
+    # about the duration of the 0.5 s tasks (identical for baseline and plugin).
+    return get_worker().address
+
+
+def sleepy(i):
+    time.sleep(SLEEP)
+    return get_worker().address, None
+
+
+def sleepy_gpu(i):
+    ids = gr.get_gpu_ids()
+    if len(ids) != 1:
+        raise AssertionError(f"task {i} expected exactly one GPU id, got {ids!r}")
+    time.sleep(SLEEP)
+    return get_worker().address, ids[0]
+
+
+# -- clusters ----------------------------------------------------------------------------------
+
+
+def local_cluster(n_workers: int, threads: int, gpus: int) -> LocalCluster:
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads,
+        processes=False,
+        resources={"GPU": gpus},
+        dashboard_address=None,
+        silence_logs=logging.WARNING,
+    )
+
+
+def spec_cluster(shape: list[tuple[int, int]]) -> SpecCluster:
+    """In-process cluster whose workers each get their own (nthreads, GPU count)."""
+    workers = {
+        f"w{i}-gpu{gpus}": {
+            "cls": Worker,
+            "options": {"nthreads": threads, "resources": {"GPU": gpus}},
+        }
+        for i, (threads, gpus) in enumerate(shape)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "dashboard": False}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
+
+
+class Session:
+    """A fresh cluster plus client, with or without the plugin installed."""
+
+    def __init__(self, make: Callable[[], Any], n_workers: int, plugin: bool) -> None:
+        self.cluster = make()
+        self.client = Client(self.cluster)
+        self.client.wait_for_workers(n_workers)
+        if plugin:
+            gr.install(self.client)
+            # every worker must have the worker plugin before timing starts
+            deadline = time.monotonic() + 30
+            while True:
+                ok = self.client.run(lambda dask_worker: "gpuresources" in dask_worker.plugins)
+                if all(ok.values()) and len(ok) == n_workers:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker plugin missing on some workers: {ok}")
+                time.sleep(0.05)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+def run_tiny(n_workers: int, n_tasks: int, plugin: bool) -> dict:
+    with Session(lambda: local_cluster(n_workers, 4, 4), n_workers, plugin) as s:
+        fn = tiny_gpu if plugin else tiny
+        s.client.gather(s.client.map(fn, range(50), resources={"GPU": 1}, pure=False))
+        t0 = time.perf_counter()
+        futures = s.client.map(fn, range(n_tasks), resources={"GPU": 1}, pure=False)
+        results = s.client.gather(futures)
+        elapsed = time.perf_counter() - t0
+        del futures
+    if plugin:
+        bad = [r for r in results if len(r) != 1]
+        if bad:
+            raise AssertionError(f"{len(bad)} tiny tasks did not get exactly one id: {bad[:3]}")
+    return {
+        "seconds": elapsed,
+        "tasks_per_s": n_tasks / elapsed,
+        "us_per_task": elapsed / n_tasks * 1e6,
+    }
+
+
+def run_burst(shape: list[tuple[int, int]], n_tasks: int, plugin: bool) -> dict:
+    devices = sum(g for _, g in shape)
+    ideal = n_tasks / devices * SLEEP
+    with Session(lambda: spec_cluster(shape), len(shape), plugin) as s:
+        client = s.client
+        gpus_of = {
+            addr: int(w["resources"].get("GPU", 0))
+            for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()
+        }
+        # Same warm-up for both: a small GPU batch of a different function.
+        client.gather(client.map(warm, range(2 * devices), resources={"GPU": 1}, pure=False))
+        time.sleep(0.2)
+        fn = sleepy_gpu if plugin else sleepy
+        t0 = time.perf_counter()
+        futures = client.map(fn, range(n_tasks), resources={"GPU": 1}, pure=False)
+        results = client.gather(futures)
+        makespan = time.perf_counter() - t0
+        del futures
+    per_worker = collections.Counter(addr for addr, _ in results)
+    by_gpus = {
+        f"{addr} (GPU={gpus_of.get(addr)})": per_worker.get(addr, 0) for addr in sorted(gpus_of)
+    }
+    out = {"makespan_s": makespan, "ideal_s": ideal, "ratio_to_ideal": makespan / ideal,
+           "tasks_per_worker": by_gpus}
+    if plugin:
+        ids = collections.Counter((addr, dev) for addr, dev in results)
+        out["tasks_per_device"] = {f"{a}#{d}": c for (a, d), c in sorted(ids.items())}
+    return out
+
+
+# -- bookkeeping -------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.measurements: list[dict] = []
+        self.comparisons: list[dict] = []
+
+    def measure(self, comparison: str, variant: str, rep: int, fn: Callable[[], dict]) -> dict:
+        result = fn()
+        row = {"comparison": comparison, "variant": variant, "rep": rep, **result}
+        self.measurements.append(row)
+        print(f"  {comparison:<14} {variant:<14} rep {rep}: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)),
+              flush=True)
+        return result
+
+    def compare(self, name: str, unit: str, baseline: float, plugin: float, ratio: float,
+                target: str | None, met: bool | None, **extra: Any) -> None:
+        self.comparisons.append({
+            "row": name, "unit": unit, "baseline": baseline, "plugin": plugin,
+            "ratio": ratio, "target": target, "met": met, **extra,
+        })
+
+
+def alternate(reps: int, variants: list[tuple[str, Callable[[], dict]]], rec: Recorder,
+              comparison: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    for rep in range(reps):
+        for name, fn in variants:
+            out[name].append(rec.measure(comparison, name, rep, fn))
+    return out
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    args = parser.parse_args(argv)
+
+    reps = 1 if args.quick else 3
+    n_tiny = 300 if args.quick else 2000
+    many = 16
+    rec = Recorder()
+    started = time.perf_counter()
+
+    # 1. throughput ---------------------------------------------------------------------------
+    print("throughput", flush=True)
+    res = alternate(reps, [
+        ("plain", lambda: run_tiny(1, n_tiny, False)),
+        ("plugin", lambda: run_tiny(1, n_tiny, True)),
+    ], rec, "throughput")
+    base, plug = median(res["plain"], "tasks_per_s"), median(res["plugin"], "tasks_per_s")
+    rec.compare("throughput", "tasks/s", base, plug, plug / base, ">= 0.95", plug / base >= 0.95,
+                n_tasks=n_tiny)
+
+    # 2. scaling --------------------------------------------------------------------------------
+    print("scaling", flush=True)
+    res = alternate(reps, [
+        ("plain-1w", lambda: run_tiny(1, n_tiny, False)),
+        ("plugin-1w", lambda: run_tiny(1, n_tiny, True)),
+        (f"plain-{many}w", lambda: run_tiny(many, n_tiny, False)),
+        (f"plugin-{many}w", lambda: run_tiny(many, n_tiny, True)),
+    ], rec, "scaling")
+    us = {k: median(v, "us_per_task") for k, v in res.items()}
+    # A per-task cost ratio of 1/0.95 is the throughput target of row 1 restated.
+    limit = 1 / 0.95
+    for w in (1, many):
+        b, p = us[f"plain-{w}w"], us[f"plugin-{w}w"]
+        rec.compare(f"scaling {w}w", "us/task", b, p, p / b, f"<= {limit:.3f}", p / b <= limit,
+                    n_tasks=n_tiny, n_workers=w)
+    growth_plain = us[f"plain-{many}w"] / us["plain-1w"]
+    growth_plugin = us[f"plugin-{many}w"] / us["plugin-1w"]
+    rec.compare(f"scaling 1->{many}w", "us/task growth", growth_plain, growth_plugin,
+                growth_plugin / growth_plain, None, None, n_tasks=n_tiny)
+
+    # 3. heterogeneous burst --------------------------------------------------------------------
+    print("heterogeneous", flush=True)
+    shape = [(8, 1), (8, 1), (8, 8)]
+    res = alternate(reps, [
+        ("plain", lambda: run_burst(shape, 40, False)),
+        ("plugin", lambda: run_burst(shape, 40, True)),
+    ], rec, "heterogeneous")
+    b, p = median(res["plain"], "ratio_to_ideal"), median(res["plugin"], "ratio_to_ideal")
+    rec.compare("heterogeneous", "makespan/ideal", b, p, p / b, "plugin <= 1.15", p <= 1.15,
+                n_tasks=40, ideal_s=40 / 10 * SLEEP)
+
+    # 4. homogeneous ----------------------------------------------------------------------------
+    print("homogeneous", flush=True)
+    shape = [(4, 4)] * 4
+    res = alternate(reps, [
+        ("plain", lambda: run_burst(shape, 64, False)),
+        ("plugin", lambda: run_burst(shape, 64, True)),
+    ], rec, "homogeneous")
+    b, p = median(res["plain"], "ratio_to_ideal"), median(res["plugin"], "ratio_to_ideal")
+    # "Not worse" with 2% slack for timer noise.
+    rec.compare("homogeneous", "makespan/ideal", b, p, p / b, "plugin <= plain*1.02",
+                p <= b * 1.02, n_tasks=64, ideal_s=64 / 16 * SLEEP)
+
+    total = time.perf_counter() - started
+
+    # -- report ----------------------------------------------------------------------------------
+    print()
+    header = f"{'row':<16} {'unit':<16} {'baseline':>10} {'plugin':>10} {'ratio':>7}  target"
+    print(header)
+    print("-" * (len(header) + 16))
+    for c in rec.comparisons:
+        mark = "" if c["met"] in (True, None) else "  MISSED"
+        print(f"{c['row']:<16} {c['unit']:<16} {c['baseline']:>10.4g} {c['plugin']:>10.4g} "
+              f"{c['ratio']:>7.3f}  {c['target'] or '(info)'}{mark}")
+    print(f"\nmode={'quick' if args.quick else 'full'} reps={reps} total={total:.1f}s "
+          f"python={platform.python_version()} distributed={distributed.__version__} "
+          f"cpus={os.cpu_count()}")
+
+    doc = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "mode": "quick" if args.quick else "full",
+        "reps": reps,
+        "python": platform.python_version(),
+        "distributed": distributed.__version__,
+        "dask": dask.__version__,
+        "dask_gpuresources": gr.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "total_seconds": total,
+        "measurements": rec.measurements,
+        "comparisons": rec.comparisons,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,508 @@
+"""The per-device GPU ledger of one Dask worker.
+
+A worker declares ``GPU=n``; the ledger records which holder (a task key) holds which of the
+device slots ``0..n-1`` and what share of each, with exact arithmetic
+(:class:`fractions.Fraction`) and Ray's placement rules:
+
+- a whole request ``k >= 1`` takes the ``k`` lowest-index devices that are entirely free; a
+  partly used device never counts toward a whole request;
+- a fractional request ``0 < f < 1`` goes to *one* device, the fullest one that still fits
+  (best fit, least share left over), ties to the lowest index; it is never split;
+- a zero request is recorded with no devices, so that releasing it works like any other.
+
+Contents:
+
+- :func:`parse_gpu_amount`: validate a user's GPU amount and turn it into a ``Fraction``.
+- :func:`format_amount`: compact text for an amount (``"1"``, ``"0.25"``, ``"1/3"``).
+- :class:`Lease`: what one holder holds.
+- :class:`DeviceLedger`: the thread-safe ledger itself.
+- :class:`NoFit`: an amount cannot be placed with the devices free right now.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+
+from dask_gpuresources.exceptions import InvalidRequestError
+
+__all__ = [
+    "DeviceLedger",
+    "Lease",
+    "NoFit",
+    "format_amount",
+    "parse_gpu_amount",
+]
+
+# Ray's resource precision: fractional GPU amounts are whole multiples of 1/10000.
+_PRECISION = 10_000
+_MIN_AMOUNT = Fraction(1, _PRECISION)
+_ZERO = Fraction(0)
+_ONE = Fraction(1)
+_DEFAULT_EXAMPLE = "resources={'GPU': 1}"
+
+
+def parse_gpu_amount(value: object) -> Fraction:
+    """Validate a GPU request amount and return it as an exact ``Fraction``.
+
+    Parameters
+    ----------
+    value
+        The amount asked for: an ``int``, ``float``, ``Fraction``, ``Decimal`` or any other
+        :class:`numbers.Real` (NumPy scalars included). Floats and Decimals are read to Ray's
+        precision of 0.0001 (``Fraction(value).limit_denominator(10_000)``), so ``0.1`` is
+        exactly ``1/10`` and ten of them make exactly one GPU; ints and Fractions are kept
+        exact. The range checks apply to the value as given, before any rounding.
+
+    Returns
+    -------
+    Fraction
+        Zero, an amount in ``[0.0001, 1]``, or a whole number above 1.
+
+    Raises
+    ------
+    InvalidRequestError
+        For a ``bool``, a non-number, NaN or infinity, a negative amount, an amount between 0
+        and 0.0001, or an amount above 1 that is not a whole number.
+
+    Examples
+    --------
+    >>> parse_gpu_amount(2)
+    Fraction(2, 1)
+    >>> parse_gpu_amount(0.1)
+    Fraction(1, 10)
+    >>> parse_gpu_amount(1 / 3)
+    Fraction(1, 3)
+    >>> parse_gpu_amount(1.5)
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: a GPU request above 1 must be a whole number, got 1.5; use resources={'GPU': 1} or resources={'GPU': 2}
+    >>> parse_gpu_amount(-1)
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be zero or more, got -1; use resources={'GPU': 1}
+    >>> parse_gpu_amount("0.5")
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be a number, got '0.5'; use resources={'GPU': 0.5}
+    >>> parse_gpu_amount(True)
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be a number, got True; use resources={'GPU': 1}
+    >>> parse_gpu_amount(float("nan"))
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be a finite number, got nan; use resources={'GPU': 1}
+    >>> parse_gpu_amount(0.00001)
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: GPU requests below 0.0001 are not supported, got 1e-05; use resources={'GPU': 0.0001}
+    """  # noqa: E501
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise InvalidRequestError(value, "a GPU request must be a number", _number_example(value))
+    if isinstance(value, Decimal):
+        finite = value.is_finite()
+    elif isinstance(value, numbers.Rational):
+        finite = True
+    else:
+        finite = math.isfinite(value)
+    if not finite:
+        raise InvalidRequestError(value, "a GPU request must be a finite number", _DEFAULT_EXAMPLE)
+    if isinstance(value, numbers.Rational):
+        # int() strips NumPy integer types, which would otherwise live on inside the Fraction.
+        exact = Fraction(int(value.numerator), int(value.denominator))
+    elif isinstance(value, (float, Decimal)):
+        exact = Fraction(value)
+    else:
+        # Other reals (e.g. numpy.float32), which Fraction() does not take directly.
+        exact = Fraction(float(value))
+    if exact < 0:
+        raise InvalidRequestError(value, "a GPU request must be zero or more", _DEFAULT_EXAMPLE)
+    if 0 < exact < _MIN_AMOUNT:
+        raise InvalidRequestError(
+            value, "GPU requests below 0.0001 are not supported", "resources={'GPU': 0.0001}"
+        )
+    if exact > 1 and exact.denominator != 1:
+        low, high = math.floor(exact), math.ceil(exact)
+        raise InvalidRequestError(
+            value,
+            "a GPU request above 1 must be a whole number",
+            f"resources={{'GPU': {low}}} or resources={{'GPU': {high}}}",
+        )
+    if exact.denominator == 1 or isinstance(value, numbers.Rational):
+        return exact
+    # Decimals and floats are read to Ray's precision: 0.1 means 1/10, not the float nearest it.
+    return exact.limit_denominator(_PRECISION)
+
+
+def _number_example(value: object) -> str:
+    """A corrected call for a non-number: the number a bool or numeric string means, else 1."""
+    if isinstance(value, bool):
+        return f"resources={{'GPU': {int(value)}}}"
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return _DEFAULT_EXAMPLE
+        if math.isfinite(number) and number >= 0:
+            text = str(int(number)) if number.is_integer() else repr(number)
+            return f"resources={{'GPU': {text}}}"
+    return _DEFAULT_EXAMPLE
+
+
+def format_amount(amount: Fraction | int) -> str:
+    """Compact text for a GPU amount, for messages and metrics.
+
+    Whole amounts print as integers, amounts exact to four decimals as decimals, anything
+    else as ``p/q``.
+
+    Examples
+    --------
+    >>> format_amount(Fraction(2))
+    '2'
+    >>> format_amount(Fraction(1, 4))
+    '0.25'
+    >>> format_amount(Fraction(3, 2))
+    '1.5'
+    >>> format_amount(Fraction(1, 3))
+    '1/3'
+    >>> format_amount(Fraction(1, 10_000))
+    '0.0001'
+    """
+    amount = Fraction(amount)
+    if amount.denominator == 1:
+        return str(amount.numerator)
+    if _PRECISION % amount.denominator == 0:
+        return f"{float(amount):.4f}".rstrip("0")
+    return f"{amount.numerator}/{amount.denominator}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The devices one holder holds, and its share of each.
+
+    Attributes
+    ----------
+    holder
+        Who holds the lease: a task key, or any hashable.
+    devices
+        The device slots held, in increasing order; ``()`` for a zero amount.
+    amount
+        The share held on *each* device: ``1`` for every device of a whole request, the
+        fraction itself for a fractional one.
+
+    Examples
+    --------
+    >>> lease = Lease("x", (0, 1), Fraction(1))
+    >>> lease.devices
+    (0, 1)
+    >>> lease.total
+    Fraction(2, 1)
+    """
+
+    holder: Hashable
+    devices: tuple[int, ...]
+    amount: Fraction
+
+    @property
+    def total(self) -> Fraction:
+        """The amount the lease holds over all its devices."""
+        return self.amount * len(self.devices)
+
+
+class NoFit(Exception):
+    """An amount cannot be placed with the shares that are free right now."""
+
+    def __init__(self, holder: Hashable, amount: Fraction, free: tuple[Fraction, ...]) -> None:
+        self.holder = holder
+        self.amount = amount
+        self.free = free
+        shares = ", ".join(format_amount(f) for f in free)
+        if amount.denominator == 1:
+            rule = f"needs {amount.numerator} entirely free device(s)"
+        else:
+            rule = "needs one device with that much free"
+        super().__init__(
+            f"cannot place GPU={format_amount(amount)} for {holder!r} now ({rule}); "
+            f"free share per device: [{shares}]"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.holder, self.amount, self.free)
+
+
+def _check_count(n_devices: object, call: str) -> int:
+    if isinstance(n_devices, bool) or not isinstance(n_devices, numbers.Integral):
+        whole = isinstance(n_devices, float) and n_devices.is_integer() and n_devices >= 0
+        example = f"{call}({int(n_devices)})" if whole else f"{call}(2)"
+        raise ValueError(
+            f"the number of devices must be a whole number, got {n_devices!r}; use {example}"
+        )
+    if n_devices < 0:
+        raise ValueError(
+            f"the number of devices must be zero or more, got {n_devices!r}; use {call}(0)"
+        )
+    return int(n_devices)
+
+
+def _as_amount(amount: object) -> Fraction:
+    # Fast path for what parse_gpu_amount returns; everything else gets its validation.
+    if type(amount) is Fraction and (
+        not amount or (_MIN_AMOUNT <= amount <= _ONE) or (amount.denominator == 1 and amount > 0)
+    ):
+        return amount
+    return parse_gpu_amount(amount)
+
+
+class DeviceLedger:
+    """Which holder holds which GPU device slot of one worker, and what share of it.
+
+    Thread-safe: one lock guards every read and change. :meth:`acquire`, :meth:`release`
+    and :meth:`can_place` cost O(number of devices).
+
+    Parameters
+    ----------
+    n_devices
+        Number of device slots, ``0..n_devices-1``.
+
+    Examples
+    --------
+    >>> ledger = DeviceLedger(2)
+    >>> ledger.acquire("a", Fraction(1, 2))
+    Lease(holder='a', devices=(0,), amount=Fraction(1, 2))
+    >>> ledger.acquire("b", Fraction(1))
+    Lease(holder='b', devices=(1,), amount=Fraction(1, 1))
+    >>> ledger.free()
+    (Fraction(1, 2), Fraction(0, 1))
+    >>> ledger.try_acquire("c", Fraction(1)) is None
+    True
+    >>> ledger.release("b")
+    Lease(holder='b', devices=(1,), amount=Fraction(1, 1))
+    >>> ledger
+    DeviceLedger(n_devices=2, free=[0.5, 1], leases=1)
+    """
+
+    def __init__(self, n_devices: int) -> None:
+        n = _check_count(n_devices, "DeviceLedger")
+        self._lock = threading.Lock()
+        self._used: list[Fraction] = [_ZERO] * n
+        self._leases: dict[Hashable, Lease] = {}
+
+    @property
+    def n_devices(self) -> int:
+        """Number of device slots."""
+        return len(self._used)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            free = ", ".join(format_amount(_ONE - u) for u in self._used)
+            n, leases = len(self._used), len(self._leases)
+        return f"DeviceLedger(n_devices={n}, free=[{free}], leases={leases})"
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+    def __contains__(self, holder: Hashable) -> bool:
+        with self._lock:
+            return holder in self._leases
+
+    def _place(self, amount: Fraction) -> tuple[int, ...] | None:
+        """Where ``amount`` would go now, or None; call with the lock held."""
+        used = self._used
+        if not amount:
+            return ()
+        if amount.denominator == 1:
+            k = amount.numerator
+            found = []
+            for i, u in enumerate(used):
+                if not u:
+                    found.append(i)
+                    if len(found) == k:
+                        return tuple(found)
+            return None
+        # Best fit: the fullest device that still fits, i.e. the largest used share that is at
+        # most 1 - amount; strict ">" keeps the lowest index among ties.
+        limit = _ONE - amount
+        best = -1
+        best_used = None
+        for i, u in enumerate(used):
+            if u <= limit and (best_used is None or u > best_used):
+                best, best_used = i, u
+        return None if best < 0 else (best,)
+
+    def can_place(self, amount: Fraction) -> bool:
+        """Whether ``amount`` could be acquired now.
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(1)
+        >>> ledger.can_place(Fraction(1)), ledger.can_place(Fraction(2))
+        (True, False)
+        """
+        amount = _as_amount(amount)
+        with self._lock:
+            return self._place(amount) is not None
+
+    def acquire(self, holder: Hashable, amount: Fraction) -> Lease:
+        """Record that ``holder`` holds ``amount`` of GPU and return where.
+
+        Parameters
+        ----------
+        holder
+            Who takes the lease (a task key); must not hold one already.
+        amount
+            A whole number of devices, a share in ``(0, 1)`` of one device, or zero. Values
+            that are not a ``Fraction`` go through :func:`parse_gpu_amount`.
+
+        Returns
+        -------
+        Lease
+
+        Raises
+        ------
+        NoFit
+            If the amount cannot be placed with the devices free now.
+        ValueError
+            If ``holder`` already holds a lease (:class:`InvalidRequestError` for an invalid
+            amount).
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(1)
+        >>> ledger.acquire("a", Fraction(3, 4))
+        Lease(holder='a', devices=(0,), amount=Fraction(3, 4))
+        >>> ledger.acquire("b", Fraction(1, 2))
+        Traceback (most recent call last):
+        ...
+        dask_gpuresources._allocator.NoFit: cannot place GPU=0.5 for 'b' now (needs one device with that much free); free share per device: [0.25]
+        >>> ledger.acquire("a", Fraction(1, 4))
+        Traceback (most recent call last):
+        ...
+        ValueError: 'a' already holds GPU=0.75 on devices (0,); release it before acquiring again
+        """  # noqa: E501
+        amount = _as_amount(amount)
+        with self._lock:
+            held = self._leases.get(holder)
+            if held is not None:
+                raise ValueError(
+                    f"{holder!r} already holds GPU={format_amount(held.total)} "
+                    f"on devices {held.devices}; release it before acquiring again"
+                )
+            devices = self._place(amount)
+            if devices is None:
+                raise NoFit(holder, amount, tuple(_ONE - u for u in self._used))
+            share = _ONE if amount.denominator == 1 and amount else amount
+            used = self._used
+            for i in devices:
+                used[i] += share
+            lease = Lease(holder, devices, share)
+            self._leases[holder] = lease
+            return lease
+
+    def try_acquire(self, holder: Hashable, amount: Fraction) -> Lease | None:
+        """Like :meth:`acquire`, but return None where the amount does not fit now.
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(1)
+        >>> ledger.try_acquire("a", Fraction(2)) is None
+        True
+        """
+        try:
+            return self.acquire(holder, amount)
+        except NoFit:
+            return None
+
+    def release(self, holder: Hashable) -> Lease | None:
+        """Free what ``holder`` holds and return its lease; None if it holds nothing.
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(1)
+        >>> _ = ledger.acquire("a", Fraction(1))
+        >>> ledger.release("a").devices
+        (0,)
+        >>> ledger.release("a") is None
+        True
+        """
+        with self._lock:
+            lease = self._leases.pop(holder, None)
+            if lease is not None:
+                used = self._used
+                for i in lease.devices:
+                    used[i] -= lease.amount
+            return lease
+
+    def lease(self, holder: Hashable) -> Lease | None:
+        """The lease ``holder`` holds, or None."""
+        with self._lock:
+            return self._leases.get(holder)
+
+    def leases(self) -> dict[Hashable, Lease]:
+        """A copy of all leases, by holder."""
+        with self._lock:
+            return dict(self._leases)
+
+    def free(self) -> tuple[Fraction, ...]:
+        """The free share of each device, in device order."""
+        with self._lock:
+            return tuple(_ONE - u for u in self._used)
+
+    def holders(self) -> dict[int, dict[Hashable, Fraction]]:
+        """Each device's holders and their shares (a copy; every device is present).
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(2)
+        >>> _ = ledger.acquire("a", Fraction(1, 4))
+        >>> ledger.holders()
+        {0: {'a': Fraction(1, 4)}, 1: {}}
+        """
+        with self._lock:
+            out: dict[int, dict[Hashable, Fraction]] = {i: {} for i in range(len(self._used))}
+            for holder, lease in self._leases.items():
+                for i in lease.devices:
+                    out[i][holder] = lease.amount
+            return out
+
+    def resize(self, n_devices: int) -> None:
+        """Grow or shrink the number of device slots.
+
+        Raises
+        ------
+        ValueError
+            If a device that would be removed is held, or ``n_devices`` is not a whole
+            number of zero or more.
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(2)
+        >>> _ = ledger.acquire("a", Fraction(1, 2))
+        >>> ledger.resize(3)
+        >>> ledger.resize(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot shrink to 0 devices while devices [0] are held (by ['a']); release them first or use resize(1)
+        """  # noqa: E501
+        n = _check_count(n_devices, "resize")
+        with self._lock:
+            used = self._used
+            if n >= len(used):
+                used.extend([_ZERO] * (n - len(used)))
+                return
+            held = [i for i in range(n, len(used)) if used[i]]
+            if held:
+                by = sorted(
+                    {repr(h) for h, lease in self._leases.items() if set(lease.devices) & set(held)}
+                )
+                raise ValueError(
+                    f"cannot shrink to {n} devices while devices {held} are held "
+                    f"(by [{', '.join(by)}]); release them first or use resize({held[-1] + 1})"
+                )
+            del used[n:]

@@ -1,0 +1,159 @@
+"""Every private piece of distributed that the plugins touch, named in one place.
+
+distributed documents these as implementation details that may change without deprecation.
+``tests/test_dask_internals.py`` calls :func:`missing_internals` so that a release which
+removes or renames one fails loudly, naming it, instead of breaking device accounting quietly.
+The tested range of ``distributed`` is pinned in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+__all__ = ["INTERNALS", "missing_internals"]
+
+#: (module, dotted attribute, why we need it)
+INTERNALS: tuple[tuple[str, str, str], ...] = (
+    (
+        "distributed.worker_state_machine",
+        "WorkerState._resource_restrictions_satisfied",
+        "per-device admission: a GPU task starts only when the ledger can place it",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState._acquire_resources",
+        "devices are leased at the moment the worker acquires a task's resources",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState._release_resources",
+        "devices are freed where the worker releases a task's resources",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState._next_ready_task",
+        "no head-of-line blocking: a waiting GPU task does not block smaller ones that fit",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.constrained",
+        "the worker's heap of resource-restricted tasks, scanned for one that fits",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.total_resources",
+        "the declared GPU count, read and (for detection or the 'gpu' spelling) written",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.available_resources",
+        "kept in step with total_resources when the GPU count is set",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.executing",
+        "tasks already running when the plugin is installed are given leases",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.plugins",
+        "the state machine finds the plugin (and its ledger) through this shared dict",
+    ),
+    (
+        "distributed.worker",
+        "Worker.metrics",
+        "leases travel to the scheduler with the heartbeat",
+    ),
+    (
+        "distributed.worker",
+        "thread_state",
+        "which task key runs on the calling thread, for get_gpu_ids()",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.worker_objective",
+        "placement: GPU tasks go where devices are free, not only where capacity is declared",
+    ),
+    (
+        "distributed.scheduler",
+        "SchedulerState.resources",
+        "declared capacity per resource and worker",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.add_resources",
+        "renames the lowercase 'gpu' resource that environment variables produce",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.remove_resources",
+        "renames the lowercase 'gpu' resource that environment variables produce",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.register_worker_plugin",
+        "the scheduler plugin equips every present and future worker",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.transition",
+        "a rejected request becomes an erred task carrying our exception",
+    ),
+    (
+        "distributed.scheduler",
+        "TaskState.resource_restrictions",
+        "GPU requests are validated and normalised at submission",
+    ),
+    (
+        "distributed.scheduler",
+        "TaskState.processing_on",
+        "per-worker GPU load for placement",
+    ),
+    (
+        "distributed.scheduler",
+        "WorkerState.metrics",
+        "the allocation table is read from each worker's heartbeat metrics",
+    ),
+    (
+        "distributed.stealing",
+        "WorkStealing.move_task_request",
+        "queued GPU work moves to workers whose devices are idle (the safe steal protocol)",
+    ),
+)
+
+
+def _has(obj: object, name: str) -> bool:
+    if hasattr(obj, name):
+        return True
+    # Slotted attributes and annotated instance attributes are not class attributes.
+    if isinstance(obj, type):
+        for klass in obj.__mro__:
+            if name in getattr(klass, "__slots__", ()) or name in inspect.get_annotations(klass):
+                return True
+    return False
+
+
+def missing_internals() -> list[str]:
+    """The internals in :data:`INTERNALS` that this distributed release lacks.
+
+    Returns
+    -------
+    list of str
+        One message per missing piece, naming it and what depends on it; empty when all
+        are present.
+
+    Examples
+    --------
+    >>> missing_internals()
+    []
+    """
+    missing = []
+    for module_name, dotted, why in INTERNALS:
+        obj: object = importlib.import_module(module_name)
+        for part in dotted.split("."):
+            if not _has(obj, part):
+                missing.append(f"{module_name}.{dotted} is missing (needed for: {why})")
+                break
+            obj = getattr(obj, part, None)
+    return missing

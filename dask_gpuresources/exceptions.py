@@ -1,0 +1,62 @@
+"""Exceptions raised by dask_gpuresources.
+
+- :class:`InvalidRequestError` (a ``ValueError``): a GPU request that is not a valid amount
+  (negative, not a number, or above 1 and not whole).
+- :class:`InfeasibleRequestError`: a GPU request that no worker of the cluster can ever hold.
+- :class:`NoLeaseError` (a ``RuntimeError``): ``get_gpu_ids()`` called outside a Dask task.
+- :class:`DeviceCountError` (a ``ValueError``): a worker declared more GPUs than its
+  ``CUDA_VISIBLE_DEVICES`` lists, or a count that is not a whole number.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeviceCountError",
+    "InfeasibleRequestError",
+    "InvalidRequestError",
+    "NoLeaseError",
+]
+
+
+class InvalidRequestError(ValueError):
+    """A GPU request that can never be a valid amount."""
+
+    def __init__(self, value: object, reason: str, example: str) -> None:
+        self.value = value
+        self.reason = reason
+        self.example = example
+        super().__init__(f"{reason}, got {value!r}; use {example}")
+
+    def __reduce__(self):
+        return type(self), (self.value, self.reason, self.example)
+
+
+class InfeasibleRequestError(Exception):
+    """No worker of the cluster can ever satisfy a GPU request."""
+
+    def __init__(self, key: object, requested: object, largest: object, worker: str | None) -> None:
+        self.key = key
+        self.requested = requested
+        self.largest = largest
+        self.worker = worker
+        if worker is None:
+            offer = "no worker in the cluster declares any GPU"
+        else:
+            offer = f"the largest worker, {worker}, has GPU={largest}"
+        super().__init__(
+            f"task {key!r} requests GPU={requested}, but {offer}; ask for at most the "
+            "largest worker's count, add a worker with enough GPUs (dask worker ... "
+            "--resources GPU=N), or set the dask config gpuresources.infeasible: wait "
+            "for clusters that scale up"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.key, self.requested, self.largest, self.worker)
+
+
+class NoLeaseError(RuntimeError):
+    """``get_gpu_ids()`` was called where no Dask task is running."""
+
+
+class DeviceCountError(ValueError):
+    """A worker's GPU declaration does not fit what it may use."""

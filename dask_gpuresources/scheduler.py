@@ -1,0 +1,339 @@
+"""The scheduler side: equips every worker, rejects impossible requests, places GPU work.
+
+:class:`GPUSchedulerPlugin` is installed by ``dask scheduler --preload dask_gpuresources``
+or by :func:`dask_gpuresources.install`. It
+
+- registers :class:`~dask_gpuresources.worker.GPUWorkerPlugin` on every present and future
+  worker (the pattern of Dask's own shuffle extension);
+- validates GPU requests as they are submitted: a bad amount, or one no worker can ever
+  hold, fails that task at once with an error that says why (``gpuresources.infeasible``
+  chooses waiting instead, for clusters that scale up);
+- places GPU tasks where devices are free, by adding each worker's GPU backlog in front of
+  Dask's own worker objective, and moves GPU work queued behind busy devices to workers
+  whose devices are idle, through Dask's safe work-stealing protocol;
+- serves the cluster-wide allocation table (from the workers' heartbeats) through the
+  ``gpuresources_allocations`` handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable
+from typing import Any
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+from tornado.ioloop import PeriodicCallback
+
+from . import _config  # noqa: F401  (registers the config defaults)
+from ._allocator import format_amount, parse_gpu_amount
+from .exceptions import InfeasibleRequestError, InvalidRequestError
+from .worker import GPU, PLUGIN_NAME, GPUWorkerPlugin
+
+__all__ = ["HANDLER", "GPUSchedulerPlugin"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the scheduler handler that serves the allocation table.
+HANDLER = "gpuresources_allocations"
+
+# GPU load is summed in integer units of 1/10000 device (Ray's precision), so that
+# thousands of fractional tasks entering and leaving processing never drift.
+_UNITS = 10_000
+
+
+def _units(restrictions: dict | None) -> int:
+    if not restrictions:
+        return 0
+    value = restrictions.get(GPU)
+    if not value:
+        return 0
+    return round(value * _UNITS)
+
+
+class GPUSchedulerPlugin(SchedulerPlugin):
+    """Scheduler plugin of dask_gpuresources (see the module docstring).
+
+    Parameters
+    ----------
+    worker_plugin
+        The worker plugin to register on every worker; ``None`` uses
+        ``GPUWorkerPlugin()``.
+
+    Examples
+    --------
+    >>> client.register_plugin(GPUSchedulerPlugin())  # doctest: +SKIP
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, *, worker_plugin: GPUWorkerPlugin | None = None) -> None:
+        self.worker_plugin = worker_plugin if worker_plugin is not None else GPUWorkerPlugin()
+        self.scheduler: Any = None
+        # key -> (worker address, units) for GPU tasks in processing; load = their sum per worker
+        self._processing: dict[Hashable, tuple[str, int]] = {}
+        self._load: dict[str, int] = {}
+        self._rejected: dict[Hashable, Exception] = {}
+        self._warned_shapes: set[str] = set()
+        self._rebalancer: PeriodicCallback | None = None
+        self._placement = False
+
+    def __getstate__(self) -> dict:
+        return {"worker_plugin": self.worker_plugin}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, scheduler: Any) -> None:
+        """Install handlers and placement, then equip every worker."""
+        self.scheduler = scheduler
+        scheduler.handlers[HANDLER] = self.allocations_handler
+        for addr in list(scheduler.workers):
+            self.add_worker(scheduler=scheduler, worker=addr)
+        for ts in scheduler.tasks.values():
+            if ts.state == "processing":
+                self._enter_processing(ts)
+
+        if dask.config.get("gpuresources.scheduler.placement"):
+            # The scheduler looks this method up on the instance for every placement.
+            scheduler.worker_objective = self._worker_objective
+            self._placement = True
+        interval = parse_timedelta(
+            dask.config.get("gpuresources.scheduler.rebalance-interval"), default="ms"
+        )
+        if interval:
+            self._rebalancer = PeriodicCallback(self.rebalance, interval * 1000)
+            self._rebalancer.start()
+
+        await scheduler.register_worker_plugin(
+            None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True
+        )
+
+    async def close(self) -> None:
+        """Undo :meth:`start`."""
+        if self._rebalancer is not None:
+            self._rebalancer.stop()
+            self._rebalancer = None
+        if self.scheduler is None:
+            return
+        if self._placement and self.scheduler.__dict__.get("worker_objective") is not None:
+            del self.scheduler.worker_objective
+            self._placement = False
+        self.scheduler.handlers.pop(HANDLER, None)
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        """Rename the lowercase ``gpu`` resource that environment variables produce."""
+        ws = scheduler.workers.get(worker)
+        if ws is None:
+            return
+        if GPU not in ws.resources and "gpu" in ws.resources:
+            scheduler.remove_resources(worker)
+            ws.resources[GPU] = ws.resources.pop("gpu")
+            scheduler.add_resources(worker)
+
+    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+        """Forget the worker's GPU load; its devices and leases died with it."""
+        self._load.pop(worker, None)
+
+    # -- submission ----------------------------------------------------------------------------
+
+    def update_graph(self, scheduler: Any, *, tasks: list, **kwargs: Any) -> None:
+        """Validate and normalise the GPU requests of newly submitted tasks."""
+        largest: tuple[int, str | None] | None = None
+        for key in tasks:
+            ts = scheduler.tasks.get(key)
+            if ts is None or ts.state != "released" or not ts.resource_restrictions:
+                continue
+            restrictions = ts.resource_restrictions
+            if GPU not in restrictions:
+                if "gpu" not in restrictions:
+                    continue
+                restrictions = dict(restrictions)
+                restrictions[GPU] = restrictions.pop("gpu")
+                ts.resource_restrictions = restrictions
+            try:
+                amount = parse_gpu_amount(restrictions[GPU])
+            except InvalidRequestError as e:
+                self._reject(ts, e)
+                continue
+            if not amount:
+                continue
+            if largest is None:
+                largest = self._largest_worker()
+            if largest[0] >= math.ceil(amount):
+                continue
+            error = InfeasibleRequestError(key, format_amount(amount), *largest)
+            if dask.config.get("gpuresources.infeasible") == "wait":
+                shape = format_amount(amount)
+                if shape not in self._warned_shapes:
+                    self._warned_shapes.add(shape)
+                    logger.warning("Waiting for a worker that can hold it: %s", error)
+            else:
+                self._reject(ts, error)
+
+    def _largest_worker(self) -> tuple[int, str | None]:
+        capacity = self.scheduler.resources.get(GPU, {})
+        if not capacity:
+            return 0, None
+        addr = max(capacity, key=capacity.__getitem__)
+        count = int(capacity[addr])
+        return count, (addr if count else None)
+
+    def _reject(self, ts: Any, error: Exception) -> None:
+        # No worker offers infinite GPUs, so Dask sends the task to no-worker, where
+        # transition() fails it with our error.
+        self._rejected[ts.key] = error
+        ts.resource_restrictions = {**ts.resource_restrictions, GPU: math.inf}
+
+    def _fail_rejected(self, key: Hashable) -> None:
+        error = self._rejected.pop(key, None)
+        ts = self.scheduler.tasks.get(key)
+        if error is None or ts is None or ts.state != "no-worker":
+            return
+        stimulus_id = f"gpuresources-reject-{key}"
+        recommendations = self.scheduler.transition(
+            key,
+            "erred",
+            stimulus_id=stimulus_id,
+            exception=dumps(error),
+            cause=key,
+            exception_text=str(error),
+        )
+        self.scheduler.transitions(recommendations, stimulus_id)
+
+    # -- placement -------------------------------------------------------------------------
+
+    def transition(
+        self, key: Hashable, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
+    ) -> None:
+        """Track each worker's GPU load; fail rejected requests once they wait."""
+        if finish == "processing":
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None:
+                self._enter_processing(ts)
+        elif start == "processing":
+            record = self._processing.pop(key, None)
+            if record is not None and record[0] in self._load:
+                self._load[record[0]] -= record[1]
+        if finish == "no-worker" and key in self._rejected:
+            self.scheduler.loop.add_callback(self._fail_rejected, key)
+        elif finish == "forgotten":
+            self._rejected.pop(key, None)
+
+    def _enter_processing(self, ts: Any) -> None:
+        units = _units(ts.resource_restrictions)
+        if units and ts.processing_on is not None:
+            addr = ts.processing_on.address
+            self._processing[ts.key] = (addr, units)
+            self._load[addr] = self._load.get(addr, 0) + units
+
+    def _backlog(self, ws: Any, extra: int) -> float:
+        """Devices' worth of GPU work ahead of a new request of ``extra`` units, per device."""
+        capacity = ws.resources.get(GPU, 0)
+        if not capacity:
+            return math.inf
+        ahead = self._load.get(ws.address, 0) + extra - capacity * _UNITS
+        return max(ahead, 0) / (capacity * _UNITS)
+
+    def _worker_objective(self, ts: Any, ws: Any) -> tuple:
+        objective = type(self.scheduler).worker_objective(self.scheduler, ts, ws)
+        units = _units(ts.resource_restrictions)
+        if not units:
+            return objective
+        return (self._backlog(ws, units), *objective)
+
+    def rebalance(self) -> None:
+        """Move GPU tasks queued behind busy devices to workers whose devices are idle.
+
+        Uses Dask's work-stealing protocol, so a task that has already started is never
+        moved (the worker refuses), and worker or resource restrictions are respected.
+        """
+        scheduler = self.scheduler
+        stealing = scheduler.extensions.get("stealing")
+        if stealing is None or not self._processing:
+            return
+        self._follow_moves()
+        idle: dict[str, int] = {}
+        for addr, capacity in scheduler.resources.get(GPU, {}).items():
+            free = int(capacity * _UNITS) - self._load.get(addr, 0)
+            if free > 0 and scheduler.workers[addr] in scheduler.running:
+                idle[addr] = free
+        if not idle:
+            return
+        for addr, load in list(self._load.items()):
+            ws = scheduler.workers.get(addr)
+            if ws is None:
+                continue
+            excess = load - int(ws.resources.get(GPU, 0) * _UNITS)
+            if excess <= 0:
+                continue
+            queued = [ts for ts in ws.processing if ts.key in self._processing]
+            # The lowest-priority tasks run last, so they are the ones waiting for devices.
+            queued.sort(key=lambda ts: ts.priority, reverse=True)
+            for ts in queued:
+                if excess <= 0 or not idle:
+                    break
+                units = self._processing[ts.key][1]
+                valid = scheduler.valid_workers(ts)
+                thief = next(
+                    (
+                        a
+                        for a, free in idle.items()
+                        if free >= units and (valid is None or scheduler.workers[a] in valid)
+                    ),
+                    None,
+                )
+                if thief is None:
+                    continue
+                stealing.move_task_request(ts, ws, scheduler.workers[thief])
+                excess -= units
+                idle[thief] -= units
+                if idle[thief] <= 0:
+                    del idle[thief]
+
+    def _follow_moves(self) -> None:
+        # Work stealing moves tasks without transition hooks: re-home their load.
+        tasks = self.scheduler.tasks
+        for key, (addr, units) in list(self._processing.items()):
+            ts = tasks.get(key)
+            if ts is None or ts.processing_on is None or ts.processing_on.address == addr:
+                continue
+            new = ts.processing_on.address
+            if addr in self._load:
+                self._load[addr] -= units
+            self._load[new] = self._load.get(new, 0) + units
+            self._processing[key] = (new, units)
+
+    # -- the allocation table ----------------------------------------------------------------
+
+    async def allocations_handler(self, refresh: bool = True) -> dict:
+        """``{worker: {device id: {holder key: share}}}`` for every worker with devices.
+
+        With ``refresh`` the workers are asked now; otherwise the table is the one their
+        last heartbeats carried.
+        """
+        scheduler = self.scheduler
+        snapshots: dict[str, Any] = {}
+        if refresh:
+            addrs = [a for a, ws in scheduler.workers.items() if ws.resources.get(GPU)]
+            if addrs:
+                snapshots = await scheduler.broadcast(
+                    msg={"op": PLUGIN_NAME}, workers=addrs, on_error="return"
+                )
+        table: dict[str, dict[int, dict[str, float]]] = {}
+        for addr, ws in scheduler.workers.items():
+            snap = snapshots.get(addr)
+            if not isinstance(snap, dict):
+                snap = ws.metrics.get(PLUGIN_NAME)
+            if not snap or not snap.get("devices"):
+                continue
+            table[addr] = {
+                int(device["id"]): dict(device["holders"]) for device in snap["devices"]
+            }
+        return table

@@ -1,0 +1,430 @@
+"""The worker side: concrete device leases for every GPU task a Dask worker runs.
+
+Dask's worker state machine already decides *when* a resource-restricted task may start
+(``available_resources``). This module makes that decision per device and names the
+devices:
+
+- :class:`GPUWorkerPlugin` owns one :class:`~dask_gpuresources._allocator.DeviceLedger` per
+  worker, maps its slots to the worker's own ``CUDA_VISIBLE_DEVICES``, and publishes the
+  leases with the heartbeat.
+- The worker's ``WorkerState`` gains :class:`GPUAdmission` as a mixin (swapped in place by the
+  plugin, see ``_dask_internals``): a GPU task is admitted only when the ledger can place it on
+  concrete devices now, leased at the moment Dask acquires its resources, and freed where Dask
+  releases them. A task that does not fit does not block smaller ones that do.
+- :func:`get_gpu_ids` answers, inside a task, which devices it owns.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import time
+from collections.abc import Hashable
+from fractions import Fraction
+from typing import Any
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed import WorkerPlugin
+from distributed.core import Status
+from distributed.worker import get_worker, thread_state
+from distributed.worker_state_machine import TaskState, WorkerState
+
+from . import _config  # noqa: F401  (registers the config defaults)
+from ._allocator import DeviceLedger, InvalidRequestError, Lease, parse_gpu_amount
+from ._devices import device_tokens, physical_ids, visible_devices
+from ._nvml import NVMLBackend, default_backend, detect
+from .exceptions import DeviceCountError, NoLeaseError
+
+__all__ = ["GPU", "PLUGIN_NAME", "GPUWorkerPlugin", "get_gpu_ids", "get_lease"]
+
+logger = logging.getLogger(__name__)
+
+#: The Dask resource name that stands for GPUs.
+GPU = "GPU"
+#: Name of the worker plugin (and of the worker's RPC handler).
+PLUGIN_NAME = "gpuresources"
+
+#: Set by code that runs a task body outside the worker's thread pool (isolated children,
+#: actor methods): the ids that ``get_gpu_ids()`` returns there.
+current_gpu_ids: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
+    "dask_gpuresources.gpu_ids"
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_amount(value: Any) -> Fraction | None:
+    try:
+        return parse_gpu_amount(value)
+    except InvalidRequestError:
+        # The scheduler plugin rejects these at submission; a worker without it leaves the
+        # task to Dask's own accounting rather than failing it here.
+        return None
+
+
+def gpu_amount(restrictions: dict | None) -> Fraction | None:
+    """The GPU amount a task requests as an exact fraction, or None if it requests none."""
+    if not restrictions:
+        return None
+    value = restrictions.get(GPU)
+    if value is None:
+        return None
+    try:
+        return _cached_amount(value)
+    except TypeError:  # unhashable
+        return None
+
+
+class GPUAdmission(WorkerState):
+    """Per-device admission for Dask's worker state machine (a mixin, no state of its own).
+
+    The ledger lives on the plugin, reached through ``self.plugins`` (shared with the
+    Worker), because ``WorkerState`` uses ``__slots__``.
+    """
+
+    __slots__ = ()
+
+    def _gpu_plugin(self) -> GPUWorkerPlugin | None:
+        plugin = self.plugins.get(PLUGIN_NAME)
+        if isinstance(plugin, GPUWorkerPlugin) and plugin.ledger is not None:
+            return plugin
+        return None
+
+    def _resource_restrictions_satisfied(self, ts: TaskState) -> bool:
+        if not super()._resource_restrictions_satisfied(ts):
+            return False
+        amount = gpu_amount(ts.resource_restrictions)
+        if not amount:
+            return True
+        plugin = self._gpu_plugin()
+        return plugin is None or plugin.ledger.can_place(amount)
+
+    def _acquire_resources(self, ts: TaskState) -> None:
+        super()._acquire_resources(ts)
+        plugin = self._gpu_plugin()
+        if plugin is not None:
+            plugin.lease(ts.key, ts.resource_restrictions)
+
+    def _release_resources(self, ts: TaskState) -> None:
+        super()._release_resources(ts)
+        plugin = self._gpu_plugin()
+        if plugin is not None:
+            plugin.ledger.release(ts.key)
+
+    def _next_ready_task(self) -> TaskState | None:
+        plugin = self._gpu_plugin()
+        if plugin is None or not self.constrained:
+            return super()._next_ready_task()
+        candidate = plugin.pick_constrained(self)
+        if self.ready:
+            tsr = self.ready.peek()
+            if candidate is None or tsr.priority < candidate.priority:
+                return self.ready.pop()
+        if candidate is not None:
+            self.constrained.discard(candidate)
+        return candidate
+
+
+@functools.lru_cache(maxsize=None)
+def _admission_class(base: type[WorkerState]) -> type[WorkerState]:
+    if issubclass(base, GPUAdmission):
+        return base
+    if base is WorkerState:
+        return GPUAdmission
+    return type(f"GPU{base.__name__}", (GPUAdmission, base), {"__slots__": ()})
+
+
+def _declared_gpus(state: WorkerState) -> float | None:
+    """The declared GPU count, after renaming the lowercase ``gpu`` that env vars produce."""
+    for resources in (state.total_resources, state.available_resources):
+        if GPU not in resources and "gpu" in resources:
+            resources[GPU] = resources.pop("gpu")
+    return state.total_resources.get(GPU)
+
+
+class GPUWorkerPlugin(WorkerPlugin):
+    """Turns a worker's declared GPU count into leases on concrete devices.
+
+    Registered on every worker by :class:`~dask_gpuresources.scheduler.GPUSchedulerPlugin`
+    (or by ``client.register_plugin(GPUWorkerPlugin())``). With ``detect=True`` (the worker
+    preload), a worker that declares no ``GPU`` resource counts its devices with NVML.
+
+    Parameters
+    ----------
+    detect
+        Count GPUs with NVML when the worker declares none.
+    nvml
+        The NVML backend; ``None`` uses the real one (tests pass a ``FakeNVML``).
+
+    Examples
+    --------
+    >>> from distributed import Client, LocalCluster
+    >>> cluster = LocalCluster(resources={"GPU": 2})  # doctest: +SKIP
+    >>> client = Client(cluster)  # doctest: +SKIP
+    >>> client.register_plugin(GPUWorkerPlugin())  # doctest: +SKIP
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, *, detect: bool = False, nvml: NVMLBackend | None = None) -> None:
+        self.detect = detect
+        self.nvml = nvml
+        self.ledger: DeviceLedger | None = None
+        self.ids: tuple[int, ...] = ()
+        self.tokens: tuple[str, ...] = ()
+        self.worker: Any = None
+        self._original_state_class: type[WorkerState] | None = None
+        self._bypass_limit = 10.0
+        self._blocked: tuple[Hashable, float] | None = None
+
+    def __getstate__(self) -> dict:
+        # Only the configuration travels (the scheduler ships this plugin to every worker).
+        return {"detect": self.detect, "nvml": self.nvml}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def setup(self, worker: Any) -> None:
+        """Size the ledger, install per-device admission, and lease running tasks."""
+        self.worker = worker
+        self._bypass_limit = parse_timedelta(
+            dask.config.get("gpuresources.worker.bypass-limit"), default="s"
+        )
+        state = worker.state
+        count, tokens, uuid_index = self._resolve_devices(state)
+        self.tokens = tuple(tokens)
+        self.ids = tuple(physical_ids(tokens, uuid_index))
+        self.ledger = DeviceLedger(count)
+
+        if state.total_resources.get(GPU) != count:
+            await self._set_gpu_count(count)
+
+        self._original_state_class = type(state)
+        state.__class__ = _admission_class(type(state))
+        self._lease_running_tasks(state)
+        worker.metrics[PLUGIN_NAME] = self._heartbeat
+        worker.handlers[PLUGIN_NAME] = self._rpc_snapshot
+        if count:
+            logger.info(
+                "Worker %s hands out %d GPU(s): %s", worker.address, count, ",".join(tokens)
+            )
+
+    def teardown(self, worker: Any) -> None:
+        """Give the worker its stock admission back and forget the ledger."""
+        if self._original_state_class is not None:
+            worker.state.__class__ = self._original_state_class
+            self._original_state_class = None
+        worker.metrics.pop(PLUGIN_NAME, None)
+        worker.handlers.pop(PLUGIN_NAME, None)
+        self.ledger = None
+
+    def _resolve_devices(self, state: WorkerState) -> tuple[int, list[str], dict[str, int]]:
+        declared = _declared_gpus(state)
+        visible = visible_devices()
+        if declared is None:
+            if not self.detect:
+                return 0, [], {}
+            found = detect(self.nvml or default_backend(), visible)
+            if found.reason:
+                logger.info("No GPUs detected, so this worker offers GPU=0: %s", found.reason)
+            return found.count, list(found.tokens), dict(found.uuid_index)
+
+        if declared < 0 or declared != int(declared):
+            raise DeviceCountError(
+                f"a worker's GPU count must be a whole number of devices, got GPU={declared!r}; "
+                f"use --resources GPU={max(int(declared), 0)}"
+            )
+        count = int(declared)
+        tokens = device_tokens(count, visible)
+        uuid_index: dict[str, int] = {}
+        if count:
+            found = detect(self.nvml or default_backend(), visible)
+            uuid_index = dict(found.uuid_index)
+            if found.reason is None and count > found.count:
+                logger.warning(
+                    "This worker declares GPU=%d but NVML sees %d device(s); the extra %d are "
+                    "logical devices for scheduling only",
+                    count,
+                    found.count,
+                    count - found.count,
+                )
+        return count, tokens, uuid_index
+
+    async def _set_gpu_count(self, count: int) -> None:
+        state = self.worker.state
+        if self.worker.status in (Status.running, Status.paused):
+            await self.worker.set_resources(**{GPU: count})
+        else:  # not registered yet: the scheduler learns the count at registration
+            old = state.total_resources.get(GPU, 0)
+            state.total_resources[GPU] = count
+            state.available_resources[GPU] = state.available_resources.get(GPU, 0) + count - old
+
+    def _lease_running_tasks(self, state: WorkerState) -> None:
+        for ts in list(state.executing | state.long_running):
+            if ts.key in self.ledger:
+                continue
+            amount = gpu_amount(ts.resource_restrictions)
+            if amount is None:
+                continue
+            if self.ledger.try_acquire(ts.key, amount) is None:
+                logger.warning(
+                    "Task %r was already running with GPU=%s when the plugin started and "
+                    "no free device can hold it; it runs without a device lease",
+                    ts.key,
+                    ts.resource_restrictions.get(GPU),
+                )
+
+    # -- admission (called by GPUAdmission on the worker's event loop) -----------------------
+
+    def lease(self, key: Hashable, restrictions: dict | None) -> Lease | None:
+        amount = gpu_amount(restrictions)
+        if amount is None:
+            return None
+        lease = self.ledger.try_acquire(key, amount)
+        if lease is None:  # admitted by stock Dask before the plugin knew the task
+            logger.warning("Task %r started without a device lease: no device fits", key)
+        return lease
+
+    def pick_constrained(self, state: WorkerState) -> TaskState | None:
+        """The highest-priority constrained task that can start now, if any.
+
+        The head of the heap goes first when it fits. When it does not, later tasks that
+        fit may pass it, until it has waited ``gpuresources.worker.bypass-limit``; from then
+        on nothing passes it, so the devices drain until it fits.
+        """
+        head = state.constrained.peek()
+        if state._resource_restrictions_satisfied(head):
+            self._blocked = None
+            return head
+        now = time.monotonic()
+        if self._blocked is None or self._blocked[0] != head.key:
+            self._blocked = (head.key, now)
+        elif now - self._blocked[1] > self._bypass_limit:
+            return None
+
+        smallest_misfit = gpu_amount(head.resource_restrictions)
+        if smallest_misfit is not None and not any(self.ledger.free()):
+            return None
+        for ts in state.constrained.sorted():
+            if ts is head:
+                continue
+            amount = gpu_amount(ts.resource_restrictions)
+            # Placement is monotonic in the amount: what did not fit excludes anything larger.
+            if amount is not None and smallest_misfit is not None and amount >= smallest_misfit:
+                continue
+            if state._resource_restrictions_satisfied(ts):
+                return ts
+            if amount is not None:
+                smallest_misfit = amount
+        return None
+
+    # -- what the worker publishes -----------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """This worker's devices and their holders, as plain data.
+
+        Returns
+        -------
+        dict
+            ``{"devices": [{"id": int, "token": str, "holders": {key: share}}, ...]}`` with
+            keys as strings and shares as floats.
+        """
+        ledger = self.ledger
+        if ledger is None:
+            return {"devices": []}
+        holders = ledger.holders()
+        return {
+            "devices": [
+                {
+                    "id": self.ids[slot],
+                    "token": self.tokens[slot],
+                    "holders": {str(k): float(v) for k, v in holders[slot].items()},
+                }
+                for slot in range(ledger.n_devices)
+            ]
+        }
+
+    def _heartbeat(self, worker: Any) -> dict:
+        return self.snapshot()
+
+    def _rpc_snapshot(self) -> dict:
+        return self.snapshot()
+
+    def ids_for(self, key: Hashable) -> list[int]:
+        """The physical ids leased to ``key`` (sorted), ``[]`` if it holds none."""
+        lease = self.ledger.lease(key) if self.ledger is not None else None
+        if lease is None:
+            return []
+        return sorted(self.ids[slot] for slot in lease.devices)
+
+    def tokens_for(self, key: Hashable) -> list[str]:
+        """The ``CUDA_VISIBLE_DEVICES`` entries leased to ``key``, in device order."""
+        lease = self.ledger.lease(key) if self.ledger is not None else None
+        if lease is None:
+            return []
+        return [self.tokens[slot] for slot in lease.devices]
+
+
+def _running_task() -> tuple[Any, Hashable]:
+    try:
+        worker = get_worker()
+    except ValueError:
+        raise NoLeaseError(
+            "get_gpu_ids() was called outside a Dask task; call it inside a function you "
+            "submit, e.g. client.submit(train, resources={'GPU': 1})"
+        ) from None
+    key = getattr(thread_state, "key", None)
+    if key is None:
+        raise NoLeaseError(
+            "get_gpu_ids() cannot tell which task is running here (async tasks run on the "
+            "worker's event loop); call it from a regular (sync) task function"
+        )
+    return worker, key
+
+
+def get_lease(key: Hashable | None = None) -> tuple[GPUWorkerPlugin, Hashable]:
+    """The worker plugin of the running task and that task's key."""
+    worker, running = _running_task()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, GPUWorkerPlugin) or plugin.ledger is None:
+        raise NoLeaseError(
+            f"worker {worker.address} runs without dask_gpuresources; start the scheduler "
+            "with `dask scheduler --preload dask_gpuresources` or call "
+            "dask_gpuresources.install(client)"
+        )
+    return plugin, running if key is None else key
+
+
+def get_gpu_ids() -> list[int]:
+    """The GPU device ids the running task owns, sorted.
+
+    Ids are physical indices, mapped through the worker's own ``CUDA_VISIBLE_DEVICES``: a
+    worker started with ``CUDA_VISIBLE_DEVICES=2,3`` hands out 2 and 3. A task that requested
+    no GPU gets ``[]``. Tasks sharing a device through fractional requests see the same id.
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    NoLeaseError
+        Outside a Dask task, or on a worker without the plugin.
+
+    Examples
+    --------
+    >>> def train(x):
+    ...     return get_gpu_ids()
+    >>> client.submit(train, 1, resources={"GPU": 1}).result()  # doctest: +SKIP
+    [2]
+    """
+    ids = current_gpu_ids.get(None)
+    if ids is not None:
+        return list(ids)
+    plugin, key = get_lease()
+    return plugin.ids_for(key)
+

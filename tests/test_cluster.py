@@ -1,0 +1,372 @@
+"""The plugins on real Dask clusters (gen_cluster / LocalCluster); GPUs are declared."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+import dask
+import pytest
+from distributed import Event, Nanny, Worker, wait
+from distributed.utils_test import async_poll_for, gen_cluster
+
+import dask_gpuresources as gr
+from dask_gpuresources._nvml import FakeNVML
+
+
+def gpu_task(x, hold=None):
+    """Record where and when the task ran and which devices it owned."""
+    from distributed import Event, get_worker
+
+    start = time.monotonic()
+    ids = gr.get_gpu_ids()
+    if hold is not None:
+        Event(hold).wait()
+    elif x:
+        time.sleep(x)
+    return get_worker().address, ids, start, time.monotonic()
+
+
+def assert_no_overlap(results, share=1.0):
+    """No device is held by more than 1/share tasks at any instant."""
+    per_device = defaultdict(list)
+    for addr, ids, start, end in results:
+        for i in ids:
+            per_device[addr, i].append((start, end))
+    limit = round(1 / share)
+    for device, intervals in per_device.items():
+        events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+        running = 0
+        for _, step in events:
+            running += step
+            assert running <= limit, f"device {device} held by {running} tasks at once"
+
+
+async def leases(c):
+    return await gr.allocations(c)
+
+
+HETERO = [
+    ("127.0.0.1", 2, {"resources": {"GPU": 0}}),
+    ("127.0.0.1", 3, {"resources": {"GPU": 2}}),
+    ("127.0.0.1", 5, {"resources": {"GPU": 4}}),
+]
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 2, {"resources": {"GPU": 2}})])
+async def test_ids_in_submit_map_delayed(c, s, a):
+    await gr.install(c)
+    one = await c.submit(gpu_task, 0, resources={"GPU": 1})
+    assert one[1] in ([0], [1])
+    two = await c.submit(gpu_task, 0, resources={"GPU": 2}, pure=False)
+    assert two[1] == [0, 1]
+    mapped = await c.gather(c.map(gpu_task, [0.05] * 4, resources={"GPU": 1}, pure=False))
+    assert sorted(len(r[1]) for r in mapped) == [1, 1, 1, 1]
+    none = await c.submit(gpu_task, 0, pure=False)
+    assert none[1] == []
+
+    with dask.annotate(resources={"GPU": 1}):
+        d = dask.delayed(gpu_task)(0, dask_key_name="delayed-gpu")
+    addr, ids, *_ = await c.compute(d, optimize_graph=False)
+    assert addr == a.address
+    assert len(ids) == 1
+
+    with pytest.raises(gr.NoLeaseError, match="outside a Dask task"):
+        gr.get_gpu_ids()
+    assert await leases(c) == {a.address: {0: {}, 1: {}}}
+
+
+@gen_cluster(client=True, nthreads=HETERO)
+async def test_overlapping_tasks_never_share_a_device(c, s, cpu, w2, w4):
+    await gr.install(c)
+    amounts = [1, 2, 1, 1, 4, 1, 2, 1, 1, 1, 2, 1] * 3
+    futures = [
+        c.submit(gpu_task, 0.02 * (i % 4), resources={"GPU": n}, pure=False)
+        for i, n in enumerate(amounts)
+    ]
+    results = await c.gather(futures)
+    for n, (addr, ids, _, _) in zip(amounts, results):
+        assert addr != cpu.address
+        assert len(ids) == n == len(set(ids))
+        assert set(ids) <= set(range(4 if addr == w4.address else 2))
+    assert_no_overlap(results)
+    assert {r[0] for r in results} == {w2.address, w4.address}
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 12, {"resources": {"GPU": 2}})])
+async def test_fractions_pack_onto_one_device(c, s, a):
+    await gr.install(c)
+    ev = Event("release-quarters")
+    futures = c.map(gpu_task, range(5), hold="release-quarters", resources={"GPU": 0.25}, pure=False)
+    await async_poll_for(lambda: len(a.state.executing) == 5, timeout=10)
+    table = await leases(c)
+    counts = sorted(len(holders) for holders in table[a.address].values())
+    assert counts == [1, 4], table  # the fullest device that fits first, never above 1
+    await ev.set()
+    results = await c.gather(futures)
+    assert_no_overlap(results, share=0.25)
+
+    # Thousands of 0.1 requests leave no float drift behind.
+    many = await c.gather(c.map(gpu_task, [0] * 200, resources={"GPU": 0.1}, pure=False))
+    assert_no_overlap(many, share=0.1)
+    ledger = a.plugins["gpuresources"].ledger
+    assert ledger.free() == (1, 1) and len(ledger) == 0
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 6, {"resources": {"GPU": 2}})])
+async def test_admission_is_per_device(c, s, a):
+    """Two half-free devices do not make a free device (Dask's sum would say they do)."""
+    await gr.install(c)
+    events = {name: Event(name) for name in ("h0", "h1", "h2")}
+    halves = {
+        name: c.submit(gpu_task, 0, hold=name, resources={"GPU": 0.5}, pure=False)
+        for name in events
+    }
+    await async_poll_for(lambda: len(a.state.executing) == 3, timeout=10)
+    table = (await leases(c))[a.address]
+    full = next(d for d, h in table.items() if len(h) == 2)
+    await events[next(n for n, f in halves.items() if f.key in table[full])].set()
+    await async_poll_for(lambda: len(a.state.executing) == 2, timeout=10)
+    whole = c.submit(gpu_task, 0, resources={"GPU": 1}, pure=False)
+    await asyncio.sleep(0.5)
+    assert whole.status == "pending"  # 0.5 + 0.5 free, but on different devices
+    for ev in events.values():
+        await ev.set()
+    addr, ids, *_ = await whole
+    assert len(ids) == 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 4, {"resources": {"GPU": 2}})])
+async def test_waiting_request_does_not_block_smaller_ones(c, s, a):
+    await gr.install(c)
+    hold = Event("hold-one")
+    blocker = c.submit(gpu_task, 0, hold="hold-one", resources={"GPU": 1}, pure=False)
+    await async_poll_for(lambda: len(a.state.executing) == 1, timeout=10)
+    big = c.submit(gpu_task, 0, resources={"GPU": 2}, pure=False)
+    await async_poll_for(lambda: big.key in a.state.tasks, timeout=10)
+    small = c.submit(gpu_task, 0, resources={"GPU": 1}, pure=False)
+    addr, ids, *_ = await asyncio.wait_for(small, 10)
+    assert blocker.status == "pending" and big.status == "pending"
+    await hold.set()
+    assert (await big)[1] == [0, 1]
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 4, {"resources": {"GPU": 2}})],
+    config={"gpuresources.worker.bypass-limit": "300ms"},
+)
+async def test_a_large_request_does_not_starve(c, s, a):
+    await gr.install(c)
+    hold = Event("hold-first")
+    first = c.submit(gpu_task, 0, hold="hold-first", resources={"GPU": 1}, pure=False)
+    await async_poll_for(lambda: len(a.state.executing) == 1, timeout=10)
+    big = c.submit(gpu_task, 0, resources={"GPU": 2}, pure=False)
+    await async_poll_for(lambda: big.key in a.state.tasks, timeout=10)
+    smalls = c.map(gpu_task, [0.1] * 30, resources={"GPU": 1}, pure=False)
+    await asyncio.sleep(0.5)
+    await hold.set()
+    _, _, big_start, _ = await big
+    ends = [r[3] for r in await c.gather(smalls)]
+    # After the bypass limit the worker drains devices for the large request instead of
+    # letting the stream of small ones pass it forever.
+    assert big_start < max(ends)
+    await first
+
+
+@gen_cluster(client=True, nthreads=HETERO)
+async def test_infeasible_requests_fail_fast(c, s, *workers):
+    await gr.install(c)
+    start = time.monotonic()
+    with pytest.raises(gr.InfeasibleRequestError, match=r"GPU=5.*has GPU=4") as info:
+        await c.submit(gpu_task, 0, resources={"GPU": 5}, pure=False)
+    assert time.monotonic() - start < 5
+    assert info.value.requested == "5" and info.value.largest == 4
+    # A dependent of an infeasible task fails with it; the cluster stays usable.
+    bad = c.submit(gpu_task, 0, resources={"GPU": 8}, pure=False)
+    dependent = c.submit(lambda r: r, bad, resources={"GPU": 1})
+    with pytest.raises(gr.InfeasibleRequestError):
+        await dependent
+    assert len((await c.submit(gpu_task, 0, resources={"GPU": 4}, pure=False))[1]) == 4
+    assert all(not h for d in (await leases(c)).values() for h in d.values())
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_gpu_request_on_cluster_without_gpus(c, s, a):
+    await gr.install(c)
+    with pytest.raises(gr.InfeasibleRequestError, match="no worker in the cluster declares"):
+        await c.submit(gpu_task, 0, resources={"GPU": 0.5}, pure=False)
+    assert await c.submit(lambda: 1) == 1
+
+
+@gen_cluster(client=True, nthreads=[], config={"gpuresources.infeasible": "wait"})
+async def test_infeasible_wait_mode_logs_once_and_waits(c, s, caplog):
+    await gr.install(c)
+    with caplog.at_level(logging.WARNING, logger="dask_gpuresources.scheduler"):
+        futures = c.map(gpu_task, [0, 0], resources={"GPU": 2}, pure=False)
+        await asyncio.sleep(0.3)
+    warnings = [r for r in caplog.records if "Waiting for a worker" in r.getMessage()]
+    assert len(warnings) == 1
+    assert all(f.status == "pending" for f in futures)
+    async with Worker(s.address, nthreads=2, resources={"GPU": 2}):
+        results = await c.gather(futures)
+    assert [sorted(r[1]) for r in results] == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (-1, "must be zero or more, got -1"),
+        (1.5, "above 1 must be a whole number, got 1.5; use resources={'GPU': 1} or"),
+        ("two", "must be a number, got 'two'"),
+    ],
+)
+def test_invalid_requests_are_rejected(value, message):
+    @gen_cluster(client=True, nthreads=[("127.0.0.1", 2, {"resources": {"GPU": 2}})])
+    async def run(c, s, a):
+        await gr.install(c)
+        with pytest.raises(gr.InvalidRequestError) as info:
+            await c.submit(gpu_task, 0, resources={"GPU": value}, pure=False)
+        assert message in str(info.value)
+        assert (await c.submit(gpu_task, 0, resources={"GPU": 1}, pure=False))[1] in ([0], [1])
+        assert len(a.plugins["gpuresources"].ledger) == 0
+
+    run()
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 2, {"resources": {"gpu": 2}})],
+)
+async def test_lowercase_gpu_resource_from_env_vars(c, s, a):
+    await gr.install(c)
+    assert s.workers[a.address].resources == {"GPU": 2}
+    assert a.state.total_resources == {"GPU": 2}
+    ids = await c.gather(c.map(gpu_task, [0.05] * 4, resources={"GPU": 1}, pure=False))
+    assert_no_overlap(ids)
+    lower = await c.submit(gpu_task, 0, resources={"gpu": 2}, pure=False)
+    assert lower[1] == [0, 1]
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_worker_detects_gpus_with_nvml(c, s, caplog):
+    await gr.install(c)
+    plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML.with_gpus(3))
+    async with Worker(s.address, nthreads=3, plugins={plugin}) as w:
+        assert s.workers[w.address].resources == {"GPU": 3}
+        results = await c.gather(c.map(gpu_task, [0.05] * 6, resources={"GPU": 1}, pure=False))
+        assert {r[1][0] for r in results} <= {0, 1, 2}
+
+    with caplog.at_level(logging.INFO, logger="dask_gpuresources.worker"):
+        plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML(unavailable="no NVML here"))
+        async with Worker(s.address, nthreads=1, plugins={plugin}) as w:
+            assert s.workers[w.address].resources == {"GPU": 0}
+    assert any("no NVML here" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dask_gpuresources.worker"):
+        plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML.with_gpus(2))
+        async with Worker(s.address, nthreads=1, resources={"GPU": 4}, plugins={plugin}) as w:
+            assert s.workers[w.address].resources == {"GPU": 4}
+    assert any("GPU=4 but NVML sees 2" in r.getMessage() for r in caplog.records)
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_declaring_more_than_visible_devices_fails_at_start(c, s, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML.with_gpus(4))
+    with pytest.raises(RuntimeError, match="failed to start") as info:
+        async with Worker(s.address, nthreads=1, resources={"GPU": 4}, plugins={plugin}):
+            pass
+    assert isinstance(info.value.__cause__, gr.DeviceCountError)
+    assert "declared GPU=4, but CUDA_VISIBLE_DEVICES lists 2" in str(info.value.__cause__)
+    assert not s.workers
+
+
+@pytest.mark.slow
+@gen_cluster(
+    client=True,
+    Worker=Nanny,
+    nthreads=[("127.0.0.1", 2, {"resources": {"GPU": 2}, "env": {"CUDA_VISIBLE_DEVICES": "2,3"}})],
+)
+async def test_worker_maps_its_cuda_visible_devices(c, s, a):
+    await gr.install(c)
+    results = await c.gather(c.map(gpu_task, [0.2] * 4, resources={"GPU": 1}, pure=False))
+    assert {r[1][0] for r in results} == {2, 3}
+    assert (await c.submit(gpu_task, 0, resources={"GPU": 2}, pure=False))[1] == [2, 3]
+
+
+@pytest.mark.slow
+@gen_cluster(
+    client=True,
+    Worker=Nanny,
+    nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})] * 2,
+)
+async def test_worker_killed_mid_task_loses_its_leases(c, s, a, b):
+    await gr.install(c)
+    hold = Event("hold-kill")
+    future = c.submit(gpu_task, 0, hold="hold-kill", resources={"GPU": 1}, pure=False)
+    await async_poll_for(lambda: any(ts.state == "processing" for ts in s.tasks.values()), 10)
+    victim = s.tasks[future.key].processing_on.address
+    await async_poll_for(
+        lambda: s.workers[victim].metrics.get("gpuresources", {}).get("devices", [{}])[0].get("holders"),
+        10,
+    )
+    nanny = a if a.worker_address == victim else b
+    await hold.set()  # the retry must not block; the first run dies before returning
+    await nanny.kill()
+    addr, ids, *_ = await future
+    assert ids == [0]
+    table = await leases(c)
+    assert victim not in table
+    assert all(not holders for devices in table.values() for holders in devices.values())
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 4, {"resources": {"GPU": 2}})])
+async def test_install_on_a_busy_cluster_reconciles_running_tasks(c, s, a):
+    hold = Event("hold-before-install")
+    early = c.submit(gpu_task, 0, hold="hold-before-install", resources={"GPU": 1}, pure=False)
+    await async_poll_for(lambda: len(a.state.executing) == 1, timeout=10)
+    await gr.install(c)
+    await gr.install(c)  # twice is harmless
+    table = await leases(c)
+    held = [d for d, h in table[a.address].items() if early.key in h]
+    assert len(held) == 1
+    later = await c.submit(gpu_task, 0, resources={"GPU": 1}, pure=False)
+    assert later[1] != held
+    await hold.set()
+    await early
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[
+        ("127.0.0.1", 8, {"resources": {"GPU": 1}}),
+        ("127.0.0.1", 8, {"resources": {"GPU": 1}}),
+        ("127.0.0.1", 8, {"resources": {"GPU": 8}}),
+    ],
+)
+async def test_placement_follows_free_devices(c, s, a, b, big):
+    await gr.install(c)
+    results = await c.gather(c.map(gpu_task, [0.2] * 40, resources={"GPU": 1}, pure=False))
+    per_worker = defaultdict(int)
+    for addr, *_ in results:
+        per_worker[addr] += 1
+    # Stock Dask spreads by threads (about 13 each); devices are 1:1:8.
+    assert per_worker[big.address] >= 28, dict(per_worker)
+    assert_no_overlap(results)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 8, {"resources": {"GPU": 1}})])
+async def test_queued_work_moves_to_idle_devices(c, s, a):
+    await gr.install(c)
+    futures = c.map(gpu_task, [0.2] * 20, resources={"GPU": 1}, pure=False)
+    await async_poll_for(lambda: len(a.state.tasks) >= 20, timeout=10)
+    async with Worker(s.address, nthreads=4, resources={"GPU": 4}) as w:
+        results = await c.gather(futures)
+        moved = sum(r[0] == w.address for r in results)
+    assert moved >= 8, moved
+    assert_no_overlap(results)
+    await wait(futures)
