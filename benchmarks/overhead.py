@@ -33,8 +33,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dask
 import distributed
@@ -166,17 +167,32 @@ def run_burst(shape: list[tuple[int, int]], n_tasks: int, plugin: bool) -> dict:
         client.gather(client.map(warm, range(2 * devices), resources={"GPU": 1}, pure=False))
         time.sleep(0.2)
         fn = sleepy_gpu if plugin else sleepy
+        wall0 = time.time()
         t0 = time.perf_counter()
         futures = client.map(fn, range(n_tasks), resources={"GPU": 1}, pure=False)
         results = client.gather(futures)
         makespan = time.perf_counter() - t0
         del futures
+        # Confirmed work-stealing moves during the timed run (Dask's balance and, with the
+        # plugin, its rebalancer both use this protocol), by the GPU counts of the workers.
+        steals: collections.Counter = collections.Counter()
+        for stamp, event in client.get_events("stealing"):
+            if stamp < wall0 or not isinstance(event, (tuple, list)) or len(event) < 5:
+                continue
+            if event[0] == "confirm":
+                victim, thief = event[3], event[4]
+                steals[f"GPU={gpus_of.get(victim)}->GPU={gpus_of.get(thief)}"] += 1
     per_worker = collections.Counter(addr for addr, _ in results)
     by_gpus = {
         f"{addr} (GPU={gpus_of.get(addr)})": per_worker.get(addr, 0) for addr in sorted(gpus_of)
     }
-    out = {"makespan_s": makespan, "ideal_s": ideal, "ratio_to_ideal": makespan / ideal,
-           "tasks_per_worker": by_gpus}
+    out = {
+        "makespan_s": makespan,
+        "ideal_s": ideal,
+        "ratio_to_ideal": makespan / ideal,
+        "tasks_per_worker": by_gpus,
+        "steals": dict(steals),
+    }
     if plugin:
         ids = collections.Counter((addr, dev) for addr, dev in results)
         out["tasks_per_device"] = {f"{a}#{d}": c for (a, d), c in sorted(ids.items())}
@@ -195,21 +211,41 @@ class Recorder:
         result = fn()
         row = {"comparison": comparison, "variant": variant, "rep": rep, **result}
         self.measurements.append(row)
-        print(f"  {comparison:<14} {variant:<14} rep {rep}: "
-              + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)),
-              flush=True)
+        line = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
+        if "tasks_per_worker" in result:
+            line += f"; tasks/worker {list(result['tasks_per_worker'].values())}"
+            line += f"; steals {result['steals'] or '{}'}"
+        print(f"  {comparison:<14} {variant:<14} rep {rep}: {line}", flush=True)
         return result
 
-    def compare(self, name: str, unit: str, baseline: float, plugin: float, ratio: float,
-                target: str | None, met: bool | None, **extra: Any) -> None:
-        self.comparisons.append({
-            "row": name, "unit": unit, "baseline": baseline, "plugin": plugin,
-            "ratio": ratio, "target": target, "met": met, **extra,
-        })
+    def compare(
+        self,
+        name: str,
+        unit: str,
+        baseline: float,
+        plugin: float,
+        ratio: float,
+        target: str | None,
+        met: bool | None,
+        **extra: Any,
+    ) -> None:
+        self.comparisons.append(
+            {
+                "row": name,
+                "unit": unit,
+                "baseline": baseline,
+                "plugin": plugin,
+                "ratio": ratio,
+                "target": target,
+                "met": met,
+                **extra,
+            }
+        )
 
 
-def alternate(reps: int, variants: list[tuple[str, Callable[[], dict]]], rec: Recorder,
-              comparison: str) -> dict[str, list[dict]]:
+def alternate(
+    reps: int, variants: list[tuple[str, Callable[[], dict]]], rec: Recorder, comparison: str
+) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for rep in range(reps):
         for name, fn in variants:
@@ -235,56 +271,119 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. throughput ---------------------------------------------------------------------------
     print("throughput", flush=True)
-    res = alternate(reps, [
-        ("plain", lambda: run_tiny(1, n_tiny, False)),
-        ("plugin", lambda: run_tiny(1, n_tiny, True)),
-    ], rec, "throughput")
+    res = alternate(
+        reps,
+        [
+            ("plain", lambda: run_tiny(1, n_tiny, False)),
+            ("plugin", lambda: run_tiny(1, n_tiny, True)),
+        ],
+        rec,
+        "throughput",
+    )
     base, plug = median(res["plain"], "tasks_per_s"), median(res["plugin"], "tasks_per_s")
-    rec.compare("throughput", "tasks/s", base, plug, plug / base, ">= 0.95", plug / base >= 0.95,
-                n_tasks=n_tiny)
+    rec.compare(
+        "throughput",
+        "tasks/s",
+        base,
+        plug,
+        plug / base,
+        ">= 0.95",
+        plug / base >= 0.95,
+        n_tasks=n_tiny,
+    )
 
     # 2. scaling --------------------------------------------------------------------------------
     print("scaling", flush=True)
-    res = alternate(reps, [
-        ("plain-1w", lambda: run_tiny(1, n_tiny, False)),
-        ("plugin-1w", lambda: run_tiny(1, n_tiny, True)),
-        (f"plain-{many}w", lambda: run_tiny(many, n_tiny, False)),
-        (f"plugin-{many}w", lambda: run_tiny(many, n_tiny, True)),
-    ], rec, "scaling")
+    res = alternate(
+        reps,
+        [
+            ("plain-1w", lambda: run_tiny(1, n_tiny, False)),
+            ("plugin-1w", lambda: run_tiny(1, n_tiny, True)),
+            (f"plain-{many}w", lambda: run_tiny(many, n_tiny, False)),
+            (f"plugin-{many}w", lambda: run_tiny(many, n_tiny, True)),
+        ],
+        rec,
+        "scaling",
+    )
     us = {k: median(v, "us_per_task") for k, v in res.items()}
     # A per-task cost ratio of 1/0.95 is the throughput target of row 1 restated.
     limit = 1 / 0.95
     for w in (1, many):
         b, p = us[f"plain-{w}w"], us[f"plugin-{w}w"]
-        rec.compare(f"scaling {w}w", "us/task", b, p, p / b, f"<= {limit:.3f}", p / b <= limit,
-                    n_tasks=n_tiny, n_workers=w)
+        rec.compare(
+            f"scaling {w}w",
+            "us/task",
+            b,
+            p,
+            p / b,
+            f"<= {limit:.3f}",
+            p / b <= limit,
+            n_tasks=n_tiny,
+            n_workers=w,
+        )
     growth_plain = us[f"plain-{many}w"] / us["plain-1w"]
     growth_plugin = us[f"plugin-{many}w"] / us["plugin-1w"]
-    rec.compare(f"scaling 1->{many}w", "us/task growth", growth_plain, growth_plugin,
-                growth_plugin / growth_plain, None, None, n_tasks=n_tiny)
+    rec.compare(
+        f"scaling 1->{many}w",
+        "us/task growth",
+        growth_plain,
+        growth_plugin,
+        growth_plugin / growth_plain,
+        None,
+        None,
+        n_tasks=n_tiny,
+    )
 
     # 3. heterogeneous burst --------------------------------------------------------------------
     print("heterogeneous", flush=True)
     shape = [(8, 1), (8, 1), (8, 8)]
-    res = alternate(reps, [
-        ("plain", lambda: run_burst(shape, 40, False)),
-        ("plugin", lambda: run_burst(shape, 40, True)),
-    ], rec, "heterogeneous")
+    res = alternate(
+        reps,
+        [
+            ("plain", lambda: run_burst(shape, 40, False)),
+            ("plugin", lambda: run_burst(shape, 40, True)),
+        ],
+        rec,
+        "heterogeneous",
+    )
     b, p = median(res["plain"], "ratio_to_ideal"), median(res["plugin"], "ratio_to_ideal")
-    rec.compare("heterogeneous", "makespan/ideal", b, p, p / b, "plugin <= 1.15", p <= 1.15,
-                n_tasks=40, ideal_s=40 / 10 * SLEEP)
+    rec.compare(
+        "heterogeneous",
+        "makespan/ideal",
+        b,
+        p,
+        p / b,
+        "plugin <= 1.15",
+        p <= 1.15,
+        n_tasks=40,
+        ideal_s=40 / 10 * SLEEP,
+    )
 
     # 4. homogeneous ----------------------------------------------------------------------------
     print("homogeneous", flush=True)
     shape = [(4, 4)] * 4
-    res = alternate(reps, [
-        ("plain", lambda: run_burst(shape, 64, False)),
-        ("plugin", lambda: run_burst(shape, 64, True)),
-    ], rec, "homogeneous")
+    res = alternate(
+        reps,
+        [
+            ("plain", lambda: run_burst(shape, 64, False)),
+            ("plugin", lambda: run_burst(shape, 64, True)),
+        ],
+        rec,
+        "homogeneous",
+    )
     b, p = median(res["plain"], "ratio_to_ideal"), median(res["plugin"], "ratio_to_ideal")
     # "Not worse" with 2% slack for timer noise.
-    rec.compare("homogeneous", "makespan/ideal", b, p, p / b, "plugin <= plain*1.02",
-                p <= b * 1.02, n_tasks=64, ideal_s=64 / 16 * SLEEP)
+    rec.compare(
+        "homogeneous",
+        "makespan/ideal",
+        b,
+        p,
+        p / b,
+        "plugin <= plain*1.02",
+        p <= b * 1.02,
+        n_tasks=64,
+        ideal_s=64 / 16 * SLEEP,
+    )
 
     total = time.perf_counter() - started
 
@@ -295,11 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * (len(header) + 16))
     for c in rec.comparisons:
         mark = "" if c["met"] in (True, None) else "  MISSED"
-        print(f"{c['row']:<16} {c['unit']:<16} {c['baseline']:>10.4g} {c['plugin']:>10.4g} "
-              f"{c['ratio']:>7.3f}  {c['target'] or '(info)'}{mark}")
-    print(f"\nmode={'quick' if args.quick else 'full'} reps={reps} total={total:.1f}s "
-          f"python={platform.python_version()} distributed={distributed.__version__} "
-          f"cpus={os.cpu_count()}")
+        print(
+            f"{c['row']:<16} {c['unit']:<16} {c['baseline']:>10.4g} {c['plugin']:>10.4g} "
+            f"{c['ratio']:>7.3f}  {c['target'] or '(info)'}{mark}"
+        )
+    print(
+        f"\nmode={'quick' if args.quick else 'full'} reps={reps} total={total:.1f}s "
+        f"python={platform.python_version()} distributed={distributed.__version__} "
+        f"cpus={os.cpu_count()}"
+    )
 
     doc = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),

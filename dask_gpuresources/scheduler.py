@@ -35,7 +35,9 @@ from .worker import GPU, PLUGIN_NAME, GPUWorkerPlugin
 
 __all__ = ["HANDLER", "GPUSchedulerPlugin"]
 
-logger = logging.getLogger(__name__)
+# A child of "distributed" so that our lines appear in worker and scheduler logs with
+# Dask's own format and levels (the logging.distributed config).
+logger = logging.getLogger("distributed.gpuresources")
 
 #: Name of the scheduler handler that serves the allocation table.
 HANDLER = "gpuresources_allocations"

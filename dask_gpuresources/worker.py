@@ -39,7 +39,9 @@ from .exceptions import DeviceCountError, NoLeaseError
 
 __all__ = ["GPU", "PLUGIN_NAME", "GPUWorkerPlugin", "get_gpu_ids", "get_lease"]
 
-logger = logging.getLogger(__name__)
+# A child of "distributed" so that our lines appear in worker and scheduler logs with
+# Dask's own format and levels (the logging.distributed config).
+logger = logging.getLogger("distributed.gpuresources")
 
 #: The Dask resource name that stands for GPUs.
 GPU = "GPU"

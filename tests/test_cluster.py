@@ -10,7 +10,7 @@ from collections import defaultdict
 import dask
 import pytest
 from distributed import Event, Nanny, Worker, wait
-from distributed.utils_test import async_poll_for, gen_cluster
+from distributed.utils_test import async_poll_for, captured_logger, gen_cluster
 
 import dask_gpuresources as gr
 from dask_gpuresources._nvml import FakeNVML
@@ -202,13 +202,12 @@ async def test_gpu_request_on_cluster_without_gpus(c, s, a):
 
 
 @gen_cluster(client=True, nthreads=[], config={"gpuresources.infeasible": "wait"})
-async def test_infeasible_wait_mode_logs_once_and_waits(c, s, caplog):
+async def test_infeasible_wait_mode_logs_once_and_waits(c, s):
     await gr.install(c)
-    with caplog.at_level(logging.WARNING, logger="dask_gpuresources.scheduler"):
+    with captured_logger("distributed.gpuresources", level=logging.WARNING) as log:
         futures = c.map(gpu_task, [0, 0], resources={"GPU": 2}, pure=False)
         await asyncio.sleep(0.3)
-    warnings = [r for r in caplog.records if "Waiting for a worker" in r.getMessage()]
-    assert len(warnings) == 1
+    assert log.getvalue().count("Waiting for a worker") == 1
     assert all(f.status == "pending" for f in futures)
     async with Worker(s.address, nthreads=2, resources={"GPU": 2}):
         results = await c.gather(futures)
@@ -251,7 +250,7 @@ async def test_lowercase_gpu_resource_from_env_vars(c, s, a):
 
 
 @gen_cluster(client=True, nthreads=[])
-async def test_worker_detects_gpus_with_nvml(c, s, caplog):
+async def test_worker_detects_gpus_with_nvml(c, s):
     await gr.install(c)
     plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML.with_gpus(3))
     async with Worker(s.address, nthreads=3, plugins={plugin}) as w:
@@ -259,18 +258,17 @@ async def test_worker_detects_gpus_with_nvml(c, s, caplog):
         results = await c.gather(c.map(gpu_task, [0.05] * 6, resources={"GPU": 1}, pure=False))
         assert {r[1][0] for r in results} <= {0, 1, 2}
 
-    with caplog.at_level(logging.INFO, logger="dask_gpuresources.worker"):
+    with captured_logger("distributed.gpuresources", level=logging.INFO) as log:
         plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML(unavailable="no NVML here"))
         async with Worker(s.address, nthreads=1, plugins={plugin}) as w:
             assert s.workers[w.address].resources == {"GPU": 0}
-    assert any("no NVML here" in r.getMessage() for r in caplog.records)
+    assert log.getvalue().count("no NVML here") == 1
 
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dask_gpuresources.worker"):
+    with captured_logger("distributed.gpuresources", level=logging.WARNING) as log:
         plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML.with_gpus(2))
         async with Worker(s.address, nthreads=1, resources={"GPU": 4}, plugins={plugin}) as w:
             assert s.workers[w.address].resources == {"GPU": 4}
-    assert any("GPU=4 but NVML sees 2" in r.getMessage() for r in caplog.records)
+    assert "declares GPU=4 but NVML sees 2 device(s)" in log.getvalue()
 
 
 @gen_cluster(client=True, nthreads=[])
@@ -326,8 +324,12 @@ async def test_worker_killed_mid_task_loses_its_leases(c, s, a, b):
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 4, {"resources": {"GPU": 2}})])
 async def test_install_on_a_busy_cluster_reconciles_running_tasks(c, s, a):
+    def ids_after(hold):
+        Event(hold).wait()
+        return gr.get_gpu_ids()
+
     hold = Event("hold-before-install")
-    early = c.submit(gpu_task, 0, hold="hold-before-install", resources={"GPU": 1}, pure=False)
+    early = c.submit(ids_after, "hold-before-install", resources={"GPU": 1}, pure=False)
     await async_poll_for(lambda: len(a.state.executing) == 1, timeout=10)
     await gr.install(c)
     await gr.install(c)  # twice is harmless
@@ -337,7 +339,7 @@ async def test_install_on_a_busy_cluster_reconciles_running_tasks(c, s, a):
     later = await c.submit(gpu_task, 0, resources={"GPU": 1}, pure=False)
     assert later[1] != held
     await hold.set()
-    await early
+    assert await early == held
 
 
 @gen_cluster(

@@ -1,0 +1,64 @@
+"""Package-level guarantees: Dask internals present, config and schema in sync, API."""
+
+from __future__ import annotations
+
+import dask.config
+import jsonschema
+import yaml
+
+import dask_gpuresources as gr
+from dask_gpuresources import _config
+from dask_gpuresources._dask_internals import INTERNALS, missing_internals
+
+
+def test_dask_internals_we_rely_on_exist():
+    missing = missing_internals()
+    assert not missing, "this distributed release lacks: " + "; ".join(missing)
+
+
+def test_missing_internal_is_named(monkeypatch):
+    from distributed import worker_state_machine
+
+    monkeypatch.delattr(worker_state_machine.WorkerState, "_acquire_resources")
+    (message,) = missing_internals()
+    assert message.startswith(
+        "distributed.worker_state_machine.WorkerState._acquire_resources is missing"
+    )
+    assert len(INTERNALS) > 10
+
+
+def _keys(tree, prefix=""):
+    out = set()
+    for k, v in tree.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _keys(v, prefix + k + ".")
+    return out
+
+
+def _schema_keys(schema, prefix=""):
+    out = set()
+    for k, v in schema.get("properties", {}).items():
+        out.add(prefix + k)
+        out |= _schema_keys(v, prefix + k + ".")
+    return out
+
+
+def test_config_and_schema_agree():
+    with open(_config.SCHEMA_PATH) as f:
+        schema = yaml.safe_load(f)
+    defaults = _config.defaults()
+    jsonschema.validate(defaults, schema)
+    assert _keys(defaults) == _schema_keys(schema)
+
+
+def test_defaults_are_registered():
+    assert dask.config.get("gpuresources.infeasible") == "raise"
+    assert dask.config.get("gpuresources.worker.bypass-limit") == "10s"
+
+
+def test_public_surface():
+    for name in gr.__all__:
+        assert hasattr(gr, name), name
+    assert issubclass(gr.InvalidRequestError, ValueError)
+    assert gr.exceptions.InfeasibleRequestError is gr.InfeasibleRequestError
