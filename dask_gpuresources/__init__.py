@@ -75,7 +75,9 @@ def allocations(client: Any, *, refresh: bool = True) -> Any:
 async def _allocations(client: Any, *, refresh: bool) -> dict:
     handler = getattr(client.scheduler, HANDLER)
     table = await handler(refresh=refresh)
-    return {worker: {int(d): dict(h) for d, h in devices.items()} for worker, devices in table.items()}
+    return {
+        worker: {int(d): dict(h) for d, h in devices.items()} for worker, devices in table.items()
+    }
 
 
 async def dask_setup(server: Any) -> None:

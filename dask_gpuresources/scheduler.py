@@ -139,7 +139,9 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             ws.resources[GPU] = ws.resources.pop("gpu")
             scheduler.add_resources(worker)
 
-    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+    def remove_worker(
+        self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any
+    ) -> None:
         """Forget the worker's GPU load; its devices and leases died with it."""
         self._load.pop(worker, None)
 
@@ -335,7 +337,5 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 snap = ws.metrics.get(PLUGIN_NAME)
             if not snap or not snap.get("devices"):
                 continue
-            table[addr] = {
-                int(device["id"]): dict(device["holders"]) for device in snap["devices"]
-            }
+            table[addr] = {int(device["id"]): dict(device["holders"]) for device in snap["devices"]}
         return table

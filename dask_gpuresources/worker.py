@@ -128,7 +128,7 @@ class GPUAdmission(WorkerState):
         return candidate
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _admission_class(base: type[WorkerState]) -> type[WorkerState]:
     if issubclass(base, GPUAdmission):
         return base
@@ -429,4 +429,3 @@ def get_gpu_ids() -> list[int]:
         return list(ids)
     plugin, key = get_lease()
     return plugin.ids_for(key)
-

@@ -24,9 +24,12 @@ def train(step: int) -> tuple[int, list[int]]:
 
 def main() -> None:
     # One machine with 4 GPUs; 8 threads so that 4 GPU tasks and CPU work run together.
-    with LocalCluster(
-        n_workers=1, threads_per_worker=8, resources={"GPU": 4}, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=8, resources={"GPU": 4}, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         gr.install(client)
 
         for step, ids in client.gather(client.map(train, range(8), resources={"GPU": 1})):
@@ -34,11 +37,15 @@ def main() -> None:
 
         with dask.annotate(resources={"GPU": 0.25}):
             shared = [dask.delayed(train)(i, dask_key_name=f"quarter-{i}") for i in range(4)]
-        print("four GPU=0.25 tasks packed on one device:",
-              sorted({tuple(ids) for _, ids in dask.compute(*shared, optimize_graph=False)}))
+        print(
+            "four GPU=0.25 tasks packed on one device:",
+            sorted({tuple(ids) for _, ids in dask.compute(*shared, optimize_graph=False)}),
+        )
 
-        print("two devices for one task:",
-              client.submit(train, 0, resources={"GPU": 2}, pure=False).result()[1])
+        print(
+            "two devices for one task:",
+            client.submit(train, 0, resources={"GPU": 2}, pure=False).result()[1],
+        )
 
         try:
             client.submit(train, 0, resources={"GPU": 5}, pure=False).result()

@@ -87,7 +87,7 @@ async def test_overlapping_tasks_never_share_a_device(c, s, cpu, w2, w4):
         for i, n in enumerate(amounts)
     ]
     results = await c.gather(futures)
-    for n, (addr, ids, _, _) in zip(amounts, results):
+    for n, (addr, ids, _, _) in zip(amounts, results, strict=True):
         assert addr != cpu.address
         assert len(ids) == n == len(set(ids))
         assert set(ids) <= set(range(4 if addr == w4.address else 2))
@@ -99,7 +99,9 @@ async def test_overlapping_tasks_never_share_a_device(c, s, cpu, w2, w4):
 async def test_fractions_pack_onto_one_device(c, s, a):
     await gr.install(c)
     ev = Event("release-quarters")
-    futures = c.map(gpu_task, range(5), hold="release-quarters", resources={"GPU": 0.25}, pure=False)
+    futures = c.map(
+        gpu_task, range(5), hold="release-quarters", resources={"GPU": 0.25}, pure=False
+    )
     await async_poll_for(lambda: len(a.state.executing) == 5, timeout=10)
     table = await leases(c)
     counts = sorted(len(holders) for holders in table[a.address].values())
@@ -309,7 +311,9 @@ async def test_worker_killed_mid_task_loses_its_leases(c, s, a, b):
     await async_poll_for(lambda: any(ts.state == "processing" for ts in s.tasks.values()), 10)
     victim = s.tasks[future.key].processing_on.address
     await async_poll_for(
-        lambda: s.workers[victim].metrics.get("gpuresources", {}).get("devices", [{}])[0].get("holders"),
+        lambda: (
+            s.workers[victim].metrics.get("gpuresources", {}).get("devices", [{}])[0].get("holders")
+        ),
         10,
     )
     nanny = a if a.worker_address == victim else b

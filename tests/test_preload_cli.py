@@ -47,8 +47,14 @@ def test_preloads_equip_scheduler_and_workers(tmp_path):
     procs = [
         spawn(
             dask_cmd(
-                "scheduler", "--port", "0", "--no-dashboard",
-                "--scheduler-file", str(sched_file), "--preload", "dask_gpuresources",
+                "scheduler",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+                "--preload",
+                "dask_gpuresources",
             ),
             tmp_path,
             "scheduler",
@@ -59,17 +65,36 @@ def test_preloads_equip_scheduler_and_workers(tmp_path):
         while not sched_file.exists():
             assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
             time.sleep(0.1)
-        worker = ["worker", "--scheduler-file", str(sched_file), "--no-dashboard", "--nthreads", "4"]
+        worker = [
+            "worker",
+            "--scheduler-file",
+            str(sched_file),
+            "--no-dashboard",
+            "--nthreads",
+            "4",
+        ]
         # Declared, with the worker preload.
-        procs.append(spawn(dask_cmd(*worker, "--resources", "GPU=2", "--preload",
-                                    "dask_gpuresources"), tmp_path, "w-declared"))
+        procs.append(
+            spawn(
+                dask_cmd(*worker, "--resources", "GPU=2", "--preload", "dask_gpuresources"),
+                tmp_path,
+                "w-declared",
+            )
+        )
         # Declared, restricted to devices 2 and 3, without the worker preload: the scheduler
         # preload equips it anyway.
-        procs.append(spawn(dask_cmd(*worker, "--resources", "GPU=2"), tmp_path, "w-masked",
-                           env={"CUDA_VISIBLE_DEVICES": "2,3"}))
+        procs.append(
+            spawn(
+                dask_cmd(*worker, "--resources", "GPU=2"),
+                tmp_path,
+                "w-masked",
+                env={"CUDA_VISIBLE_DEVICES": "2,3"},
+            )
+        )
         # Undeclared, with the worker preload: NVML is absent here, so GPU=0 and a log line.
-        procs.append(spawn(dask_cmd(*worker, "--preload", "dask_gpuresources"), tmp_path,
-                           "w-detect"))
+        procs.append(
+            spawn(dask_cmd(*worker, "--preload", "dask_gpuresources"), tmp_path, "w-detect")
+        )
         with Client(scheduler_file=str(sched_file), timeout=30) as client:
             client.wait_for_workers(3, timeout=60)
             resources = {
