@@ -117,6 +117,11 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "distributed.stealing",
+        "WorkStealing.put_key_in_stealable",
+        "occupancy-based stealing does not see devices; GPU tasks are kept out of it",
+    ),
+    (
+        "distributed.stealing",
         "WorkStealing.move_task_request",
         "queued GPU work moves to workers whose devices are idle (the safe steal protocol)",
     ),

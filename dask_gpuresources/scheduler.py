@@ -17,9 +17,11 @@ or by :func:`dask_gpuresources.install`. It
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Hashable
+from fractions import Fraction
 from typing import Any
 
 import dask.config
@@ -45,6 +47,18 @@ HANDLER = "gpuresources_allocations"
 # GPU load is summed in integer units of 1/10000 device (Ray's precision), so that
 # thousands of fractional tasks entering and leaving processing never drift.
 _UNITS = 10_000
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(value: Any) -> Fraction:
+    return parse_gpu_amount(value)
+
+
+def _parse(value: Any) -> Fraction:
+    try:
+        return _parse_cached(value)
+    except TypeError:  # unhashable: let parse_gpu_amount say what is wrong with it
+        return parse_gpu_amount(value)
 
 
 def _units(restrictions: dict | None) -> int:
@@ -81,8 +95,11 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self._load: dict[str, int] = {}
         self._rejected: dict[Hashable, Exception] = {}
         self._warned_shapes: set[str] = set()
+        self._overloaded: set[str] = set()
+        self._rebalance_soon = False
         self._rebalancer: PeriodicCallback | None = None
         self._placement = False
+        self._stealing: Any = None
 
     def __getstate__(self) -> dict:
         return {"worker_plugin": self.worker_plugin}
@@ -106,6 +123,19 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             # The scheduler looks this method up on the instance for every placement.
             scheduler.worker_objective = self._worker_objective
             self._placement = True
+            stealing = scheduler.extensions.get("stealing")
+            if stealing is not None:
+                # Dask's stealing balances thread occupancy and does not see devices: it
+                # moves GPU tasks from a worker with 8 busy devices to one with 1 (and
+                # back). GPU tasks are balanced by rebalance() instead.
+                original = type(stealing).put_key_in_stealable
+
+                def put_key_in_stealable(ts: Any) -> None:
+                    if not _units(ts.resource_restrictions):
+                        original(stealing, ts)
+
+                stealing.put_key_in_stealable = put_key_in_stealable
+                self._stealing = stealing
         interval = parse_timedelta(
             dask.config.get("gpuresources.scheduler.rebalance-interval"), default="ms"
         )
@@ -127,6 +157,9 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         if self._placement and self.scheduler.__dict__.get("worker_objective") is not None:
             del self.scheduler.worker_objective
             self._placement = False
+        if self._stealing is not None:
+            self._stealing.__dict__.pop("put_key_in_stealable", None)
+            self._stealing = None
         self.scheduler.handlers.pop(HANDLER, None)
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
@@ -144,6 +177,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
     ) -> None:
         """Forget the worker's GPU load; its devices and leases died with it."""
         self._load.pop(worker, None)
+        self._overloaded.discard(worker)
 
     # -- submission ----------------------------------------------------------------------------
 
@@ -162,7 +196,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 restrictions[GPU] = restrictions.pop("gpu")
                 ts.resource_restrictions = restrictions
             try:
-                amount = parse_gpu_amount(restrictions[GPU])
+                amount = _parse(restrictions[GPU])
             except InvalidRequestError as e:
                 self._reject(ts, e)
                 continue
@@ -224,7 +258,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         elif start == "processing":
             record = self._processing.pop(key, None)
             if record is not None and record[0] in self._load:
-                self._load[record[0]] -= record[1]
+                self._exit_processing(*record)
         if finish == "no-worker" and key in self._rejected:
             self.scheduler.loop.add_callback(self._fail_rejected, key)
         elif finish == "forgotten":
@@ -233,9 +267,30 @@ class GPUSchedulerPlugin(SchedulerPlugin):
     def _enter_processing(self, ts: Any) -> None:
         units = _units(ts.resource_restrictions)
         if units and ts.processing_on is not None:
-            addr = ts.processing_on.address
-            self._processing[ts.key] = (addr, units)
-            self._load[addr] = self._load.get(addr, 0) + units
+            ws = ts.processing_on
+            self._processing[ts.key] = (ws.address, units)
+            self._add_load(ws.address, units)
+
+    def _add_load(self, addr: str, units: int) -> None:
+        load = self._load[addr] = self._load.get(addr, 0) + units
+        ws = self.scheduler.workers.get(addr)
+        if ws is not None and load > ws.resources.get(GPU, 0) * _UNITS:
+            self._overloaded.add(addr)
+        else:
+            self._overloaded.discard(addr)
+
+    def _exit_processing(self, addr: str, units: int) -> None:
+        self._add_load(addr, -units)
+        # A device came free here while GPU work waits elsewhere: rebalance now rather than
+        # on the next tick.
+        if (
+            self._overloaded
+            and addr not in self._overloaded
+            and not self._rebalance_soon
+            and self._rebalancer is not None
+        ):
+            self._rebalance_soon = True
+            self.scheduler.loop.add_callback(self.rebalance)
 
     def _backlog(self, ws: Any, extra: int) -> float:
         """Devices' worth of GPU work ahead of a new request of ``extra`` units, per device."""
@@ -258,9 +313,10 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         Uses Dask's work-stealing protocol, so a task that has already started is never
         moved (the worker refuses), and worker or resource restrictions are respected.
         """
+        self._rebalance_soon = False
         scheduler = self.scheduler
         stealing = scheduler.extensions.get("stealing")
-        if stealing is None or not self._processing:
+        if stealing is None or not self._overloaded:
             return
         self._follow_moves()
         idle: dict[str, int] = {}
@@ -270,11 +326,11 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 idle[addr] = free
         if not idle:
             return
-        for addr, load in list(self._load.items()):
+        for addr in list(self._overloaded):
             ws = scheduler.workers.get(addr)
-            if ws is None:
+            if ws is None or set(idle) <= {addr}:
                 continue
-            excess = load - int(ws.resources.get(GPU, 0) * _UNITS)
+            excess = self._load.get(addr, 0) - int(ws.resources.get(GPU, 0) * _UNITS)
             if excess <= 0:
                 continue
             queued = [ts for ts in ws.processing if ts.key in self._processing]
@@ -289,7 +345,9 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                     (
                         a
                         for a, free in idle.items()
-                        if free >= units and (valid is None or scheduler.workers[a] in valid)
+                        if a != addr
+                        and free >= units
+                        and (valid is None or scheduler.workers[a] in valid)
                     ),
                     None,
                 )
@@ -310,8 +368,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 continue
             new = ts.processing_on.address
             if addr in self._load:
-                self._load[addr] -= units
-            self._load[new] = self._load.get(new, 0) + units
+                self._add_load(addr, -units)
+            self._add_load(new, units)
             self._processing[key] = (new, units)
 
     # -- the allocation table ----------------------------------------------------------------
