@@ -251,11 +251,12 @@ def _check_count(n_devices: object, call: str) -> int:
 
 
 def _as_amount(amount: object) -> Fraction:
-    # Fast path for what parse_gpu_amount returns; everything else gets its validation.
-    if type(amount) is Fraction and (
-        not amount or (_MIN_AMOUNT <= amount <= _ONE) or (amount.denominator == 1 and amount > 0)
-    ):
-        return amount
+    # Fast path (integer arithmetic only: this runs for every GPU task) for what
+    # parse_gpu_amount returns; everything else gets its validation.
+    if type(amount) is Fraction:
+        n, d = amount.numerator, amount.denominator
+        if n >= 0 and (d == 1 or (n < d and n * _PRECISION >= d)):
+            return amount
     return parse_gpu_amount(amount)
 
 
@@ -397,10 +398,16 @@ class DeviceLedger:
             devices = self._place(amount)
             if devices is None:
                 raise NoFit(holder, amount, tuple(_ONE - u for u in self._used))
-            share = _ONE if amount.denominator == 1 and amount else amount
             used = self._used
-            for i in devices:
-                used[i] += share
+            if amount.denominator == 1 and amount:
+                # A whole request takes entirely free devices: plain ints keep it cheap.
+                share = _ONE
+                for i in devices:
+                    used[i] = 1
+            else:
+                share = amount
+                for i in devices:
+                    used[i] += share
             lease = Lease(holder, devices, share)
             self._leases[holder] = lease
             return lease
@@ -435,8 +442,12 @@ class DeviceLedger:
             lease = self._leases.pop(holder, None)
             if lease is not None:
                 used = self._used
-                for i in lease.devices:
-                    used[i] -= lease.amount
+                if lease.amount == 1:
+                    for i in lease.devices:
+                        used[i] = 0
+                else:
+                    for i in lease.devices:
+                        used[i] -= lease.amount
             return lease
 
     def lease(self, holder: Hashable) -> Lease | None:

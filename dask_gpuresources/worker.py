@@ -124,7 +124,10 @@ class GPUAdmission(WorkerState):
             if candidate is None or tsr.priority < candidate.priority:
                 return self.ready.pop()
         if candidate is not None:
-            self.constrained.discard(candidate)
+            if candidate is self.constrained.peek():
+                self.constrained.pop()  # keeps the heap free of stale entries
+            else:
+                self.constrained.discard(candidate)
         return candidate
 
 
