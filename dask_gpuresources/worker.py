@@ -212,7 +212,7 @@ class GPUWorkerPlugin(WorkerPlugin):
         state.__class__ = _admission_class(type(state))
         self._lease_running_tasks(state)
         worker.metrics[PLUGIN_NAME] = self._heartbeat
-        worker.handlers[PLUGIN_NAME] = self._rpc_snapshot
+        worker.handlers[PLUGIN_NAME] = self.snapshot
         if count:
             logger.info(
                 "Worker %s hands out %d GPU(s): %s", worker.address, count, ",".join(tokens)
@@ -354,9 +354,6 @@ class GPUWorkerPlugin(WorkerPlugin):
         }
 
     def _heartbeat(self, worker: Any) -> dict:
-        return self.snapshot()
-
-    def _rpc_snapshot(self) -> dict:
         return self.snapshot()
 
     def ids_for(self, key: Hashable) -> list[int]:

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import dask
 import pytest
-from distributed import Event, Nanny, Worker, wait
+from distributed import Event, Nanny, Worker
 from distributed.utils_test import async_poll_for, captured_logger, gen_cluster
 
 import dask_gpuresources as gr
@@ -375,4 +375,3 @@ async def test_queued_work_moves_to_idle_devices(c, s, a):
         moved = sum(r[0] == w.address for r in results)
     assert moved >= 8, moved
     assert_no_overlap(results)
-    await wait(futures)
