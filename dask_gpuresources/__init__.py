@@ -7,17 +7,38 @@ running cluster), give workers ``--resources GPU=N``, submit with
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import _config  # noqa: F401  (registers the config defaults)
+from ._context import get_gpu_ids
 from ._version import __version__
 from .exceptions import (
     DeviceCountError,
     InfeasibleRequestError,
     InvalidRequestError,
+    IsolatedTaskError,
     NoLeaseError,
 )
-from .scheduler import HANDLER, GPUSchedulerPlugin
-from .worker import GPUWorkerPlugin, get_gpu_ids
+
+if TYPE_CHECKING:
+    from .scheduler import GPUSchedulerPlugin
+    from .worker import GPUWorkerPlugin
+
+# The plugins load ``distributed`` on first use, not on ``import dask_gpuresources``: an
+# isolated child process imports this package to answer get_gpu_ids() and stays small.
+_LAZY = {"GPUSchedulerPlugin": ".scheduler", "GPUWorkerPlugin": ".worker"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DeviceCountError",
@@ -25,6 +46,7 @@ __all__ = [
     "GPUWorkerPlugin",
     "InfeasibleRequestError",
     "InvalidRequestError",
+    "IsolatedTaskError",
     "NoLeaseError",
     "__version__",
     "allocations",
@@ -51,6 +73,8 @@ def install(client: Any) -> Any:
     >>> import dask_gpuresources as gr
     >>> gr.install(client)  # doctest: +SKIP
     """
+    from .scheduler import GPUSchedulerPlugin
+
     return client.register_plugin(GPUSchedulerPlugin())
 
 
@@ -73,6 +97,8 @@ def allocations(client: Any, *, refresh: bool = True) -> Any:
 
 
 async def _allocations(client: Any, *, refresh: bool) -> dict:
+    from .scheduler import HANDLER
+
     handler = getattr(client.scheduler, HANDLER)
     table = await handler(refresh=refresh)
     return {
@@ -88,6 +114,9 @@ async def dask_setup(server: Any) -> None:
     before the worker registers, so an undeclared worker offers the GPUs it has.
     """
     from distributed import Scheduler, Worker
+
+    from .scheduler import GPUSchedulerPlugin
+    from .worker import GPUWorkerPlugin
 
     if isinstance(server, Scheduler):
         server.add_plugin(GPUSchedulerPlugin())

@@ -112,6 +112,10 @@ class NVMLBackend(Protocol):
         """Percent of the last sample period the GPU with this index was busy."""
         ...
 
+    def process_memory(self, pid: int) -> int:
+        """Bytes of GPU memory the process ``pid`` holds, summed over all GPUs."""
+        ...
+
 
 def _text(value: str | bytes) -> str:
     # nvidia-ml-py before 11.515 returned bytes for names and UUIDs.
@@ -223,6 +227,20 @@ class RealNVML:
         except nvml.NVMLError as err:
             raise NVMLUnavailable(f"NVML could not read utilization of GPU {index}: {err}") from err
 
+    def process_memory(self, pid: int) -> int:
+        nvml = self._nvml()
+        total = 0
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    # usedGpuMemory is None where the driver cannot tell (some containers)
+                    if process.pid == pid and process.usedGpuMemory:
+                        total += int(process.usedGpuMemory)
+        except nvml.NVMLError as err:
+            raise NVMLUnavailable(f"NVML could not list the processes on the GPUs: {err}") from err
+        return total
+
 
 class FakeNVML:
     """An NVML backend that answers from the devices it is given.
@@ -237,6 +255,9 @@ class FakeNVML:
     memory_used, utilization
         Initial readings per device index; 0 for devices not listed. Change them with
         :meth:`set_memory_used` and :meth:`set_utilization`.
+    process_memory
+        Initial GPU memory per process id; 0 for processes not listed. Change it with
+        :meth:`set_process_memory`.
 
     Examples
     --------
@@ -261,12 +282,14 @@ class FakeNVML:
         unavailable: str | None = None,
         memory_used: Mapping[int, int] | None = None,
         utilization: Mapping[int, int] | None = None,
+        process_memory: Mapping[int, int] | None = None,
     ) -> None:
         _check_distinct(devices)
         self._devices = sorted(devices, key=lambda d: d.index)
         self._unavailable = unavailable
         self._memory_used = dict(memory_used or {})
         self._utilization = dict(utilization or {})
+        self._process_memory = dict(process_memory or {})
 
     @classmethod
     def with_gpus(cls, n: int, *, memory_total: int = 16 * 2**30) -> FakeNVML:
@@ -303,6 +326,15 @@ class FakeNVML:
         """Make later :meth:`utilization` calls for `index` return `value` percent."""
         self._check_index(index)
         self._utilization[index] = value
+
+    def process_memory(self, pid: int) -> int:
+        self._check_available()
+        return self._process_memory.get(pid, 0)
+
+    def set_process_memory(self, pid: int, value: int) -> None:
+        """Make later :meth:`process_memory` calls for `pid` return `value` bytes."""
+        self._check_available()
+        self._process_memory[pid] = value
 
     def _check_available(self) -> None:
         if self._unavailable is not None:

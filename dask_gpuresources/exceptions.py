@@ -6,14 +6,20 @@
 - :class:`NoLeaseError` (a ``RuntimeError``): ``get_gpu_ids()`` called outside a Dask task.
 - :class:`DeviceCountError` (a ``ValueError``): a worker declared more GPUs than its
   ``CUDA_VISIBLE_DEVICES`` lists, or a count that is not a whole number.
+- :class:`IsolatedTaskError` (a ``RuntimeError``): the child process running an isolated task
+  died (crash, ``os._exit``, out of memory), was ended because the task was cancelled, or
+  outlived the task's ``timeout``.
 """
 
 from __future__ import annotations
+
+import signal
 
 __all__ = [
     "DeviceCountError",
     "InfeasibleRequestError",
     "InvalidRequestError",
+    "IsolatedTaskError",
     "NoLeaseError",
 ]
 
@@ -60,3 +66,53 @@ class NoLeaseError(RuntimeError):
 
 class DeviceCountError(ValueError):
     """A worker's GPU declaration does not fit what it may use."""
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"exit code {exitcode} = {name}{hint}"
+    return f"exit code {exitcode}"
+
+
+class IsolatedTaskError(RuntimeError):
+    """The child process of an isolated task ended before the task returned."""
+
+    def __init__(
+        self,
+        key: object,
+        worker: str | None,
+        devices: tuple[str, ...] | list[str],
+        pid: int | None,
+        exitcode: int | None,
+        reason: str,
+    ) -> None:
+        self.key = key
+        self.worker = worker
+        self.devices = tuple(devices)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.reason = reason
+        visible = ",".join(self.devices)
+        super().__init__(
+            f"task {key!r} {reason}: its isolated child process (pid {pid}, "
+            f"CUDA_VISIBLE_DEVICES={visible!r}) on worker {worker} ended with "
+            f"{_describe_exit(exitcode)}; the worker carries on, the device lease is "
+            "released, and the next task gets a fresh child"
+        )
+
+    def __reduce__(self):
+        return type(self), (
+            self.key,
+            self.worker,
+            self.devices,
+            self.pid,
+            self.exitcode,
+            self.reason,
+        )

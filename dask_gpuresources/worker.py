@@ -11,12 +11,12 @@ devices:
   plugin, see ``_dask_internals``): a GPU task is admitted only when the ledger can place it on
   concrete devices now, leased at the moment Dask acquires its resources, and freed where Dask
   releases them. A task that does not fit does not block smaller ones that do.
-- :func:`get_gpu_ids` answers, inside a task, which devices it owns.
+- :func:`lease_of_running_task` finds the lease of a thread-pool task for
+  :func:`~dask_gpuresources.get_gpu_ids`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
 import time
@@ -25,7 +25,7 @@ from fractions import Fraction
 from typing import Any
 
 import dask.config
-from dask.utils import parse_timedelta
+from dask.utils import parse_bytes, parse_timedelta
 from distributed import WorkerPlugin
 from distributed.core import Status
 from distributed.worker import get_worker, thread_state
@@ -33,11 +33,13 @@ from distributed.worker_state_machine import TaskState, WorkerState
 
 from . import _config  # noqa: F401  (registers the config defaults)
 from ._allocator import DeviceLedger, InvalidRequestError, Lease, parse_gpu_amount
+from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
+from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun
 from ._nvml import NVMLBackend, default_backend, detect
 from .exceptions import DeviceCountError, NoLeaseError
 
-__all__ = ["GPU", "PLUGIN_NAME", "GPUWorkerPlugin", "get_gpu_ids", "get_lease"]
+__all__ = ["GPU", "PLUGIN_NAME", "GPUWorkerPlugin", "get_gpu_ids", "lease_of_running_task"]
 
 # A child of "distributed" so that our lines appear in worker and scheduler logs with
 # Dask's own format and levels (the logging.distributed config).
@@ -47,12 +49,6 @@ logger = logging.getLogger("distributed.gpuresources")
 GPU = "GPU"
 #: Name of the worker plugin (and of the worker's RPC handler).
 PLUGIN_NAME = "gpuresources"
-
-#: Set by code that runs a task body outside the worker's thread pool (isolated children,
-#: actor methods): the ids that ``get_gpu_ids()`` returns there.
-current_gpu_ids: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
-    "dask_gpuresources.gpu_ids"
-)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -107,6 +103,7 @@ class GPUAdmission(WorkerState):
         plugin = self._gpu_plugin()
         if plugin is not None:
             plugin.lease(ts.key, ts.resource_restrictions)
+            plugin.route(ts)
 
     def _release_resources(self, ts: TaskState) -> None:
         super()._release_resources(ts)
@@ -183,6 +180,9 @@ class GPUWorkerPlugin(WorkerPlugin):
         self._original_state_class: type[WorkerState] | None = None
         self._bypass_limit = 10.0
         self._blocked: tuple[Hashable, float] | None = None
+        self.executor: IsolatedExecutor | None = None
+        self._isolation = "thread"
+        self._max_calls = 0
 
     def __getstate__(self) -> dict:
         # Only the configuration travels (the scheduler ships this plugin to every worker).
@@ -211,6 +211,7 @@ class GPUWorkerPlugin(WorkerPlugin):
         self._original_state_class = type(state)
         state.__class__ = _admission_class(type(state))
         self._lease_running_tasks(state)
+        self._setup_isolation(worker)
         worker.metrics[PLUGIN_NAME] = self._heartbeat
         worker.handlers[PLUGIN_NAME] = self.snapshot
         if count:
@@ -225,7 +226,37 @@ class GPUWorkerPlugin(WorkerPlugin):
             self._original_state_class = None
         worker.metrics.pop(PLUGIN_NAME, None)
         worker.handlers.pop(PLUGIN_NAME, None)
+        if self.executor is not None:
+            if worker.executors.get(EXECUTOR_NAME) is self.executor:
+                del worker.executors[EXECUTOR_NAME]
+            self.executor.shutdown(wait=False)
+            self.executor = None
         self.ledger = None
+
+    def _setup_isolation(self, worker: Any) -> None:
+        mode = dask.config.get("gpuresources.isolation.mode")
+        if mode not in ("thread", "process"):
+            raise ValueError(
+                f"gpuresources.isolation.mode must be 'thread' or 'process', got {mode!r}; "
+                "use DASK_GPURESOURCES__ISOLATION__MODE=process"
+            )
+        self._isolation = mode
+        self._max_calls = _max_calls(dask.config.get("gpuresources.isolation.max-calls"))
+        memory = dask.config.get("gpuresources.isolation.recycle-gpu-memory")
+        memory = None if memory is None else parse_bytes(memory)
+        self.executor = IsolatedExecutor(
+            resolve=self._isolated_run,
+            worker_address=lambda: worker.address,
+            max_workers=max(2 * worker.state.nthreads, 4),
+            idle_timeout=parse_timedelta(
+                dask.config.get("gpuresources.isolation.idle-timeout"), default="s"
+            ),
+            spare=bool(dask.config.get("gpuresources.isolation.spare")),
+            preload=dask.config.get("gpuresources.isolation.preload"),
+            nvml=None if memory is None else (self.nvml or default_backend()),
+            recycle_gpu_memory=memory,
+        )
+        worker.executors[EXECUTOR_NAME] = self.executor
 
     def _resolve_devices(self, state: WorkerState) -> tuple[int, list[str], dict[str, int]]:
         declared = _declared_gpus(state)
@@ -327,6 +358,51 @@ class GPUWorkerPlugin(WorkerPlugin):
                 smallest_misfit = amount
         return None
 
+    # -- isolation ---------------------------------------------------------------------------
+
+    def route(self, ts: TaskState) -> None:
+        """Send ``ts`` to the isolated executor if it (or the worker's config) asks for it.
+
+        An explicit ``executor`` annotation wins; actors and async tasks always run in the
+        worker (an actor must live there; an async task runs on its event loop). The
+        worker's ``gpuresources.isolation.mode`` applies to GPU tasks; a task annotated
+        ``isolation="process"`` is isolated even without a GPU (it then sees none).
+        """
+        annotations = ts.annotations or {}
+        if "executor" in annotations or self.executor is None or ts.key in self.worker.state.actors:
+            return
+        mode = annotations.get("isolation")
+        if mode is None:
+            if self._isolation != "process" or not gpu_amount(ts.resource_restrictions):
+                return
+        elif mode != "process":
+            return
+        if ts.run_spec is None or getattr(ts.run_spec, "is_coro", False):
+            return
+        ts.annotations = {**annotations, "executor": EXECUTOR_NAME}
+
+    def _isolated_run(self, key: Hashable) -> IsolatedRun:
+        ts = self.worker.state.tasks.get(key)
+        annotations = (ts.annotations if ts is not None else None) or {}
+        max_calls = annotations.get("max_calls")
+        lease = self.ledger.lease(key) if self.ledger is not None else None
+        slots = lease.devices if lease is not None else ()
+        return IsolatedRun(
+            key=key,
+            gpu_ids=tuple(sorted(self.ids[s] for s in slots)),
+            tokens=tuple(self.tokens[s] for s in slots),
+            max_calls=self._max_calls if max_calls is None else _max_calls(max_calls),
+        )
+
+    def transition(self, key: Hashable, start: str, finish: str, **kwargs: Any) -> None:
+        # A cancelled isolated task: end its child now, so that its devices come back
+        # at once instead of when the task would have finished.
+        # (Dask reports the requested state, "released"; the task is left "cancelled".)
+        if start == "executing" and finish in ("released", "cancelled") and self.executor:
+            ts = self.worker.state.tasks.get(key)
+            if ts is None or ts.state in ("cancelled", "released"):
+                self.executor.abort(key, "was cancelled")
+
     # -- what the worker publishes -----------------------------------------------------------
 
     def snapshot(self) -> dict:
@@ -371,6 +447,14 @@ class GPUWorkerPlugin(WorkerPlugin):
         return [self.tokens[slot] for slot in lease.devices]
 
 
+def _max_calls(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(
+            value, "max_calls must be a whole number >= 0 (0: never recycle)", "max_calls=1"
+        )
+    return value
+
+
 def _running_task() -> tuple[Any, Hashable]:
     try:
         worker = get_worker()
@@ -388,9 +472,9 @@ def _running_task() -> tuple[Any, Hashable]:
     return worker, key
 
 
-def get_lease(key: Hashable | None = None) -> tuple[GPUWorkerPlugin, Hashable]:
-    """The worker plugin of the running task and that task's key."""
-    worker, running = _running_task()
+def lease_of_running_task() -> tuple[GPUWorkerPlugin, Hashable]:
+    """The worker plugin of the task running on this thread, and that task's key."""
+    worker, key = _running_task()
     plugin = worker.plugins.get(PLUGIN_NAME)
     if not isinstance(plugin, GPUWorkerPlugin) or plugin.ledger is None:
         raise NoLeaseError(
@@ -398,34 +482,4 @@ def get_lease(key: Hashable | None = None) -> tuple[GPUWorkerPlugin, Hashable]:
             "with `dask scheduler --preload dask_gpuresources` or call "
             "dask_gpuresources.install(client)"
         )
-    return plugin, running if key is None else key
-
-
-def get_gpu_ids() -> list[int]:
-    """The GPU device ids the running task owns, sorted.
-
-    Ids are physical indices, mapped through the worker's own ``CUDA_VISIBLE_DEVICES``: a
-    worker started with ``CUDA_VISIBLE_DEVICES=2,3`` hands out 2 and 3. A task that requested
-    no GPU gets ``[]``. Tasks sharing a device through fractional requests see the same id.
-
-    Returns
-    -------
-    list of int
-
-    Raises
-    ------
-    NoLeaseError
-        Outside a Dask task, or on a worker without the plugin.
-
-    Examples
-    --------
-    >>> def train(x):
-    ...     return get_gpu_ids()
-    >>> client.submit(train, 1, resources={"GPU": 1}).result()  # doctest: +SKIP
-    [2]
-    """
-    ids = current_gpu_ids.get(None)
-    if ids is not None:
-        return list(ids)
-    plugin, key = get_lease()
-    return plugin.ids_for(key)
+    return plugin, key

@@ -1,0 +1,107 @@
+"""What the running task owns: the one place ``get_gpu_ids()`` reads.
+
+Two ways a task body learns its devices:
+
+- Code that runs a body outside the worker's thread pool (an isolated child process, an
+  actor method) sets a :class:`TaskContext` around it with :func:`use`.
+- A task in the worker's thread pool has no context set; its lease is looked up on the
+  worker plugin by the key Dask records for the thread.
+
+This module imports nothing from Dask at import time, so that an isolated child can answer
+``get_gpu_ids()`` without loading ``distributed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+
+__all__ = ["TaskContext", "current", "get_gpu_ids", "set_process_context", "use"]
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """The running task as its body sees it.
+
+    Attributes
+    ----------
+    key
+        The Dask key of the task (or of the actor).
+    gpu_ids
+        Physical device ids of its lease, sorted.
+    tokens
+        The ``CUDA_VISIBLE_DEVICES`` entries of its lease, in device order.
+    worker
+        Address of the worker that leased the devices.
+    """
+
+    key: Hashable
+    gpu_ids: tuple[int, ...] = ()
+    tokens: tuple[str, ...] = ()
+    worker: str | None = None
+
+
+_current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("dask_gpuresources.task")
+
+
+# An isolated child runs one task at a time, and every thread the task starts belongs to it
+# (ContextVars do not reach threads started by the task).
+_process: TaskContext | None = None
+
+
+def current() -> TaskContext | None:
+    """The running task's context, or ``None`` in a plain thread-pool task."""
+    context = _current.get(None)
+    return context if context is not None else _process
+
+
+def set_process_context(context: TaskContext | None) -> None:
+    """In an isolated child: the task that owns the whole process, or ``None`` between tasks."""
+    global _process
+    _process = context
+
+
+@contextlib.contextmanager
+def use(context: TaskContext) -> Iterator[TaskContext]:
+    """Make ``context`` the running task's for the duration of the block."""
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
+
+
+def get_gpu_ids() -> list[int]:
+    """The GPU device ids the running task owns, sorted.
+
+    Ids are physical indices, mapped through the worker's own ``CUDA_VISIBLE_DEVICES``: a
+    worker started with ``CUDA_VISIBLE_DEVICES=2,3`` hands out 2 and 3. A task that requested
+    no GPU gets ``[]``. Tasks sharing a device through fractional requests see the same id.
+    The answer is the same in the worker's thread pool and in an isolated child process.
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    NoLeaseError
+        Outside a Dask task, or on a worker without the plugin.
+
+    Examples
+    --------
+    >>> import dask_gpuresources as gr
+    >>> def train(x):
+    ...     return gr.get_gpu_ids()
+    >>> client.submit(train, 1, resources={"GPU": 1}).result()  # doctest: +SKIP
+    [2]
+    """
+    context = current()
+    if context is not None:
+        return list(context.gpu_ids)
+    from .worker import lease_of_running_task
+
+    plugin, key = lease_of_running_task()
+    return plugin.ids_for(key)

@@ -1,0 +1,517 @@
+"""Isolated GPU tasks: warm child processes whose ``CUDA_VISIBLE_DEVICES`` is the lease.
+
+A Dask worker runs tasks as threads of one process, and ``CUDA_VISIBLE_DEVICES`` is per
+process, so a task that must *see* only its devices (TensorFlow, PyTorch, CuPy all read the
+variable once, when they load) has to run in a process of its own. This module provides one:
+
+- :class:`IsolatedExecutor` is a ``concurrent.futures.Executor`` the worker plugin registers
+  as ``worker.executors["gpuresources"]``. Dask hands it Dask's own ``_run_task_simple``
+  with the task; the executor runs that function on one of its threads with a stand-in for
+  the task whose call ships the task and its inputs to a child process and returns what the
+  child returns. Dask's own code still builds the result or error message.
+- Children are started with ``subprocess`` (so a daemonic Nanny-managed worker may start
+  them), with ``CUDA_VISIBLE_DEVICES`` set in their environment before Python starts, and are
+  kept warm per device set: a child started for devices ``("1",)`` only ever runs tasks
+  leased device 1.
+- A child is recycled after ``max_calls`` tasks, or when NVML says it still holds more GPU
+  memory than ``recycle-gpu-memory`` after its task; its replacement starts at once. A child
+  that dies fails only its task (:class:`~dask_gpuresources.IsolatedTaskError`); a cancelled
+  task's child is ended; idle children are reaped; ``shutdown`` ends them all. A child also
+  ends itself if the worker process disappears.
+
+Messages travel over a socket pair as cloudpickle (protocol 5) frames, with large buffers
+(NumPy arrays and the like) out of band: each is copied once, by the kernel.
+
+The child side is :func:`main` below (``python -m dask_gpuresources._isolation FD``). It
+imports neither ``distributed`` nor the worker modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from ._context import TaskContext
+from .exceptions import IsolatedTaskError
+
+__all__ = ["EXECUTOR_NAME", "IsolatedExecutor", "IsolatedRun", "main"]
+
+logger = logging.getLogger("distributed.gpuresources")
+
+#: Name under which the worker plugin registers the executor (``worker.executors[...]``).
+EXECUTOR_NAME = "gpuresources"
+
+# -- wire format -----------------------------------------------------------------------------
+
+_COUNT = struct.Struct("!I")
+_LENGTH = struct.Struct("!Q")
+
+
+def _dumps(obj: Any) -> list[Any]:
+    buffers: list[pickle.PickleBuffer] = []
+    head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return [head, *(b.raw() for b in buffers)]
+
+
+def _loads(frames: list[bytearray]) -> Any:
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+def _send(sock: socket.socket, frames: Sequence[Any]) -> None:
+    sizes = [memoryview(f).nbytes for f in frames]
+    sock.sendall(_COUNT.pack(len(frames)) + b"".join(_LENGTH.pack(n) for n in sizes))
+    for frame in frames:
+        sock.sendall(frame)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise EOFError("the other end closed the connection")
+        got += k
+    return buf
+
+
+def _recv(sock: socket.socket) -> list[bytearray]:
+    (count,) = _COUNT.unpack(_recv_exact(sock, _COUNT.size))
+    sizes = _recv_exact(sock, _LENGTH.size * count)
+    return [
+        _recv_exact(sock, _LENGTH.unpack_from(sizes, i * _LENGTH.size)[0]) for i in range(count)
+    ]
+
+
+# -- the child ---------------------------------------------------------------------------------
+
+
+def _watch_parent(parent: int) -> None:
+    # A worker killed with SIGKILL cannot end its children; they notice instead.
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _error_frames(exc: BaseException) -> list[Any]:
+    from tblib import pickling_support
+
+    pickling_support.install(exc)
+    try:
+        return _dumps(("error", exc))
+    except Exception:
+        import traceback
+
+        text = "".join(traceback.format_exception(exc))
+        return _dumps(("error", RuntimeError(f"unpicklable exception in the child:\n{text}")))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Child process: run the tasks the worker sends until it closes the connection."""
+    from . import _context
+
+    # Ctrl-C in a terminal reaches the whole process group; the worker decides what ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    argv = sys.argv[1:] if argv is None else argv
+    sock = socket.socket(fileno=int(argv[0]))
+    _watch_parent(int(argv[1]))
+    op, init = _loads(_recv(sock))
+    sys.path[:] = init["sys_path"]
+    for module in init["preload"]:
+        try:
+            __import__(module)
+        except Exception as err:  # a preload is an optimisation, never a reason to fail
+            print(f"dask_gpuresources child: could not preload {module}: {err}", file=sys.stderr)
+    _send(sock, _dumps(("ready", os.getpid())))
+
+    while True:
+        try:
+            frames = _recv(sock)
+        except (EOFError, OSError):
+            return
+        try:
+            _, context, run_spec, data = _loads(frames)
+            _context.set_process_context(context)
+            result = run_spec(data)
+            reply = _dumps(("ok", result))
+        except SystemExit as exc:
+            # sys.exit() in a task ends its process, as os._exit() would; the worker reports
+            # the exit code. (Raised in the worker, it would take the worker down.)
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        except BaseException as exc:  # everything goes back to the worker, as in a thread
+            reply = _error_frames(exc)
+        finally:
+            _context.set_process_context(None)
+        try:
+            _send(sock, reply)
+        except OSError:
+            return
+
+
+# -- the worker side ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IsolatedRun:
+    """How to run one task in isolation, decided on the worker's event loop at submit time."""
+
+    key: Hashable
+    gpu_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    max_calls: int
+
+
+class _Child:
+    """One child process bound to a device set (``tokens``)."""
+
+    def __init__(self, tokens: tuple[str, ...], *, preload: Sequence[str]) -> None:
+        self.tokens = tokens
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(tokens)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (
+            f"import sys; sys.path.insert(0, {package_root!r}); "
+            "from dask_gpuresources._isolation import main; main()"
+        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())],
+                pass_fds=[theirs.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pid = self.proc.pid
+        self.calls = 0
+        self.idle_since = time.monotonic()
+        self.ready = False
+        self.abort_reason: str | None = None
+        _send(ours, _dumps(("init", {"sys_path": list(sys.path), "preload": list(preload)})))
+
+    def wait_ready(self) -> None:
+        if self.ready:
+            return
+        op, pid = _loads(_recv(self.sock))
+        if op != "ready":
+            raise EOFError(f"unexpected first message {op!r}")
+        self.ready = True
+
+    def call(self, frames: list[Any]) -> Any:
+        _send(self.sock, frames)
+        op, value = _loads(_recv(self.sock))
+        if op == "error":
+            raise value
+        return value
+
+    def exitcode(self, wait: float = 2.0) -> int | None:
+        try:
+            return self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Ask the child to leave (EOF), then make sure it did."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.exitcode(timeout) is None:
+            self.kill()
+            self.exitcode(timeout)
+
+
+class _ChildCall:
+    """Stands in for a task in Dask's ``_run_task_simple``: calling it runs the task in a child."""
+
+    def __init__(self, executor: IsolatedExecutor, run: IsolatedRun, run_spec: Any) -> None:
+        self.executor = executor
+        self.run = run
+        self.run_spec = run_spec
+        self.key = run.key
+
+    def __call__(self, data: dict) -> Any:
+        return self.executor._call(self.run, self.run_spec, data)
+
+
+class IsolatedExecutor(Executor):
+    """Runs each task in a warm child process bound to the task's devices.
+
+    Parameters
+    ----------
+    resolve
+        Called on the worker's event loop with a task key; returns its :class:`IsolatedRun`.
+    worker_address
+        Returns the worker's address, for error messages.
+    max_workers
+        Threads that wait on children (one per running isolated task).
+    idle_timeout
+        Seconds an idle child lives before it is ended.
+    spare
+        Start a replacement as soon as a child is recycled.
+    preload
+        Modules a fresh child imports before its first task.
+    nvml, recycle_gpu_memory
+        With both: recycle a child holding more than ``recycle_gpu_memory`` bytes of GPU
+        memory after its task.
+    """
+
+    def __init__(
+        self,
+        *,
+        resolve: Callable[[Hashable], IsolatedRun],
+        worker_address: Callable[[], str | None],
+        max_workers: int,
+        idle_timeout: float,
+        spare: bool = True,
+        preload: Sequence[str] = (),
+        nvml: Any = None,
+        recycle_gpu_memory: int | None = None,
+    ) -> None:
+        self._resolve = resolve
+        self._worker_address = worker_address
+        self._threads = ThreadPoolExecutor(max_workers, thread_name_prefix="gpuresources-isolated")
+        self.idle_timeout = idle_timeout
+        self.spare = spare
+        self.preload = tuple(preload)
+        self._nvml = nvml
+        self.recycle_gpu_memory = recycle_gpu_memory
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, ...], list[_Child]] = {}
+        self._running: dict[Hashable, _Child] = {}
+        self._closed = False
+        self._reaper_wake = threading.Event()
+        self._reaper: threading.Thread | None = None
+        #: Counters for the benchmark and the logs.
+        self.started = 0
+        self.recycled = 0
+        self.crashed = 0
+        self.reaped = 0
+
+    # -- Executor ---------------------------------------------------------------------------
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        """Dask calls ``submit(_run_task_simple, run_spec, data, delay)`` on its event loop."""
+        if self._closed:
+            raise RuntimeError("the isolated executor has been shut down")
+        run_spec, *rest = args
+        run = self._resolve(run_spec.key)
+        return self._threads.submit(fn, _ChildCall(self, run, run_spec), *rest, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """End every child, idle or running, and the threads that wait on them."""
+        with self._lock:
+            self._closed = True
+            children = [c for cs in self._idle.values() for c in cs]
+            children += list(self._running.values())
+            self._idle.clear()
+        self._reaper_wake.set()
+        for child in children:
+            child.abort_reason = child.abort_reason or "was stopped because its worker closed"
+            child.kill()
+        for child in children:
+            child.close(timeout=5)
+        self._threads.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if self._reaper is not None and wait:
+            self._reaper.join(timeout=5)
+
+    # -- what the worker plugin calls -------------------------------------------------------
+
+    def abort(self, key: Hashable, reason: str) -> bool:
+        """End the child running ``key`` (the task was cancelled); True if there was one."""
+        with self._lock:
+            child = self._running.get(key)
+        if child is None:
+            return False
+        child.abort_reason = reason
+        child.kill()
+        return True
+
+    def children(self) -> list[dict]:
+        """One row per live child: pid, devices, state, tasks run."""
+        with self._lock:
+            rows = [
+                {"pid": c.pid, "devices": list(c.tokens), "state": "idle", "calls": c.calls}
+                for cs in self._idle.values()
+                for c in cs
+            ]
+            rows += [
+                {"pid": c.pid, "devices": list(c.tokens), "state": "running", "calls": c.calls}
+                for c in self._running.values()
+            ]
+        return rows
+
+    # -- running a task (on one of the executor's threads) ----------------------------------
+
+    def _call(self, run: IsolatedRun, run_spec: Any, data: dict) -> Any:
+        context = TaskContext(run.key, run.gpu_ids, run.tokens, self._worker_address())
+        frames = _dumps(("run", context, run_spec, data))
+        child = self._checkout(run)
+        try:
+            result = child.call(frames)
+        except (EOFError, OSError) as err:
+            self._lost(child, run)
+            raise self._died(child, run) from err
+        except BaseException:
+            self._checkin(child, run)
+            raise
+        self._checkin(child, run)
+        return result
+
+    def _checkout(self, run: IsolatedRun) -> _Child:
+        for attempt in (1, 2):
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the isolated executor has been shut down")
+                pool = self._idle.get(run.tokens)
+                child = pool.pop() if pool else None
+            if child is None:
+                child = self._start(run.tokens)
+            with self._lock:
+                self._running[run.key] = child
+            try:
+                child.wait_ready()
+                return child
+            except (EOFError, OSError) as err:
+                # A spare that died while waiting (or a child that could not start): one
+                # more try with a fresh process, then the task fails with the reason.
+                self._lost(child, run)
+                if attempt == 2:
+                    raise self._died(child, run, "could not start") from err
+        raise AssertionError("unreachable")
+
+    def _checkin(self, child: _Child, run: IsolatedRun) -> None:
+        child.calls += 1
+        reason = None
+        if run.max_calls and child.calls >= run.max_calls:
+            reason = f"after {child.calls} task(s) (max_calls={run.max_calls})"
+        elif self._nvml is not None and self.recycle_gpu_memory is not None:
+            held = self._gpu_memory(child)
+            if held is not None and held > self.recycle_gpu_memory:
+                reason = (
+                    f"because it still holds {held / 2**20:.0f} MiB of GPU memory after task "
+                    f"{run.key!r} (recycle-gpu-memory: {self.recycle_gpu_memory / 2**20:.0f} MiB)"
+                )
+                logger.info("Recycling isolated child pid %d %s", child.pid, reason)
+        with self._lock:
+            self._running.pop(run.key, None)
+            closed = self._closed
+            if reason is None and not closed:
+                child.idle_since = time.monotonic()
+                self._idle.setdefault(child.tokens, []).append(child)
+                self._ensure_reaper()
+                return
+        child.close()
+        self.recycled += reason is not None
+        if self.spare and not closed:
+            spare = self._start(child.tokens)
+            with self._lock:
+                if self._closed:
+                    spare.kill()
+                else:
+                    self._idle.setdefault(spare.tokens, []).append(spare)
+
+    def _gpu_memory(self, child: _Child) -> int | None:
+        try:
+            return self._nvml.process_memory(child.pid)
+        except Exception as err:  # NVML gone: stop asking
+            logger.info("Not checking isolated children's GPU memory any more: %s", err)
+            self._nvml = None
+            return None
+
+    def _lost(self, child: _Child, run: IsolatedRun) -> None:
+        with self._lock:
+            if self._running.get(run.key) is child:
+                del self._running[run.key]
+        child.kill()
+
+    def _died(self, child: _Child, run: IsolatedRun, reason: str | None = None) -> Exception:
+        code = child.exitcode()
+        if reason is None:
+            reason = child.abort_reason
+        if reason is None:
+            self.crashed += 1
+            reason = "crashed"
+            logger.warning(
+                "Isolated child pid %d (CUDA_VISIBLE_DEVICES=%s) died running task %r, "
+                "exit code %s",
+                child.pid,
+                ",".join(child.tokens),
+                run.key,
+                code,
+            )
+        return IsolatedTaskError(
+            run.key, self._worker_address(), child.tokens, child.pid, code, reason
+        )
+
+    def _start(self, tokens: tuple[str, ...]) -> _Child:
+        child = _Child(tokens, preload=self.preload)
+        self.started += 1
+        return child
+
+    # -- reaping idle children --------------------------------------------------------------
+
+    def _ensure_reaper(self) -> None:
+        # Called with the lock held.
+        if self._reaper is None and self.idle_timeout > 0:
+            self._reaper = threading.Thread(
+                target=self._reap_forever, name="gpuresources-reaper", daemon=True
+            )
+            self._reaper.start()
+
+    def _reap_forever(self) -> None:
+        interval = min(max(self.idle_timeout / 4, 0.05), 5.0)
+        while not self._reaper_wake.wait(interval):
+            self.reap()
+
+    def reap(self) -> int:
+        """End children idle longer than ``idle_timeout``; returns how many."""
+        deadline = time.monotonic() - self.idle_timeout
+        stale = []
+        with self._lock:
+            for tokens, pool in list(self._idle.items()):
+                keep = [c for c in pool if c.idle_since > deadline]
+                stale += [c for c in pool if c.idle_since <= deadline]
+                if keep:
+                    self._idle[tokens] = keep
+                else:
+                    del self._idle[tokens]
+        for child in stale:
+            child.close()
+        self.reaped += len(stale)
+        return len(stale)
+
+
+if __name__ == "__main__":
+    main()
