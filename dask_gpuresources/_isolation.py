@@ -46,14 +46,65 @@ from typing import Any
 import cloudpickle
 
 from ._context import TaskContext
-from .exceptions import IsolatedTaskError
+from .exceptions import InvalidRequestError, IsolatedTaskError
 
-__all__ = ["EXECUTOR_NAME", "IsolatedExecutor", "IsolatedRun", "main"]
+__all__ = [
+    "EXECUTOR_NAME",
+    "IsolatedExecutor",
+    "IsolatedRun",
+    "check_annotations",
+    "main",
+    "parse_max_calls",
+]
 
 logger = logging.getLogger("distributed.gpuresources")
 
 #: Name under which the worker plugin registers the executor (``worker.executors[...]``).
 EXECUTOR_NAME = "gpuresources"
+
+ISOLATION_MODES = ("thread", "process")
+
+
+def parse_max_calls(value: Any) -> int:
+    """Validate a ``max_calls`` value: a whole number >= 0.
+
+    >>> parse_max_calls(1)
+    1
+    >>> parse_max_calls(-1)
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: max_calls must be a whole number >= 0 \
+(0: never recycle), got -1; use dask.annotate(max_calls=1)
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(
+            value,
+            "max_calls must be a whole number >= 0 (0: never recycle)",
+            "dask.annotate(max_calls=1)",
+        )
+    return value
+
+
+def check_annotations(annotations: dict | None) -> None:
+    """Raise :class:`InvalidRequestError` for a bad ``isolation`` or ``max_calls`` annotation.
+
+    >>> check_annotations({"isolation": "process", "max_calls": 1})
+    >>> check_annotations({"isolation": "proc"})
+    Traceback (most recent call last):
+    ...
+    dask_gpuresources.exceptions.InvalidRequestError: isolation must be 'thread' or \
+'process', got 'proc'; use dask.annotate(isolation='process')
+    """
+    if not annotations:
+        return
+    mode = annotations.get("isolation")
+    if mode is not None and mode not in ISOLATION_MODES:
+        raise InvalidRequestError(
+            mode, "isolation must be 'thread' or 'process'", "dask.annotate(isolation='process')"
+        )
+    if annotations.get("max_calls") is not None:
+        parse_max_calls(annotations["max_calls"])
+
 
 # -- wire format -----------------------------------------------------------------------------
 
@@ -310,6 +361,7 @@ class IsolatedExecutor(Executor):
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, ...], list[_Child]] = {}
         self._running: dict[Hashable, _Child] = {}
+        self._aborted: dict[Hashable, str] = {}
         self._closed = False
         self._reaper_wake = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -352,8 +404,12 @@ class IsolatedExecutor(Executor):
         """End the child running ``key`` (the task was cancelled); True if there was one."""
         with self._lock:
             child = self._running.get(key)
-        if child is None:
-            return False
+            if child is None:
+                # Not started yet (its thread is queued): it fails as soon as it starts.
+                if len(self._aborted) > 10_000:
+                    self._aborted.clear()
+                self._aborted[key] = reason
+                return False
         child.abort_reason = reason
         child.kill()
         return True
@@ -394,6 +450,11 @@ class IsolatedExecutor(Executor):
             with self._lock:
                 if self._closed:
                     raise RuntimeError("the isolated executor has been shut down")
+                aborted = self._aborted.pop(run.key, None)
+                if aborted is not None:
+                    raise IsolatedTaskError(
+                        run.key, self._worker_address(), run.tokens, None, None, aborted
+                    )
                 pool = self._idle.get(run.tokens)
                 child = pool.pop() if pool else None
             if child is None:
@@ -407,6 +468,8 @@ class IsolatedExecutor(Executor):
                 # A spare that died while waiting (or a child that could not start): one
                 # more try with a fresh process, then the task fails with the reason.
                 self._lost(child, run)
+                if child.abort_reason is not None:
+                    raise self._died(child, run) from err
                 if attempt == 2:
                     raise self._died(child, run, "could not start") from err
         raise AssertionError("unreachable")
@@ -507,9 +570,9 @@ class IsolatedExecutor(Executor):
                     self._idle[tokens] = keep
                 else:
                     del self._idle[tokens]
+        self.reaped += len(stale)
         for child in stale:
             child.close()
-        self.reaped += len(stale)
         return len(stale)
 
 

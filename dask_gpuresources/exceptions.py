@@ -100,11 +100,17 @@ class IsolatedTaskError(RuntimeError):
         self.exitcode = exitcode
         self.reason = reason
         visible = ",".join(self.devices)
+        if pid is None:
+            what = f"before its isolated child process (CUDA_VISIBLE_DEVICES={visible!r}) started"
+        else:
+            what = (
+                f": its isolated child process (pid {pid}, CUDA_VISIBLE_DEVICES={visible!r}) "
+                f"ended with {_describe_exit(exitcode)}"
+            )
         super().__init__(
-            f"task {key!r} {reason}: its isolated child process (pid {pid}, "
-            f"CUDA_VISIBLE_DEVICES={visible!r}) on worker {worker} ended with "
-            f"{_describe_exit(exitcode)}; the worker carries on, the device lease is "
-            "released, and the next task gets a fresh child"
+            f"task {key!r} {reason}{'' if pid is not None else ' '}{what}, on worker "
+            f"{worker}; the worker carries on, the device lease is released, and the next "
+            "task gets a fresh child"
         )
 
     def __reduce__(self):

@@ -32,6 +32,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import _config  # noqa: F401  (registers the config defaults)
 from ._allocator import format_amount, parse_gpu_amount
+from ._isolation import check_annotations
 from .exceptions import InfeasibleRequestError, InvalidRequestError
 from .worker import GPU, PLUGIN_NAME, GPUWorkerPlugin
 
@@ -186,7 +187,15 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         largest: tuple[int, str | None] | None = None
         for key in tasks:
             ts = scheduler.tasks.get(key)
-            if ts is None or ts.state != "released" or not ts.resource_restrictions:
+            if ts is None or ts.state != "released":
+                continue
+            if ts.annotations and ("isolation" in ts.annotations or "max_calls" in ts.annotations):
+                try:
+                    check_annotations(ts.annotations)
+                except InvalidRequestError as e:
+                    self._reject(ts, e)
+                    continue
+            if not ts.resource_restrictions:
                 continue
             restrictions = ts.resource_restrictions
             if GPU not in restrictions:
@@ -227,7 +236,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         # No worker offers infinite GPUs, so Dask sends the task to no-worker, where
         # transition() fails it with our error.
         self._rejected[ts.key] = error
-        ts.resource_restrictions = {**ts.resource_restrictions, GPU: math.inf}
+        ts.resource_restrictions = {**(ts.resource_restrictions or {}), GPU: math.inf}
 
     def _fail_rejected(self, key: Hashable) -> None:
         error = self._rejected.pop(key, None)

@@ -35,7 +35,7 @@ from . import _config  # noqa: F401  (registers the config defaults)
 from ._allocator import DeviceLedger, InvalidRequestError, Lease, parse_gpu_amount
 from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
-from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun
+from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun, parse_max_calls
 from ._nvml import NVMLBackend, default_backend, detect
 from .exceptions import DeviceCountError, NoLeaseError
 
@@ -241,7 +241,7 @@ class GPUWorkerPlugin(WorkerPlugin):
                 "use DASK_GPURESOURCES__ISOLATION__MODE=process"
             )
         self._isolation = mode
-        self._max_calls = _max_calls(dask.config.get("gpuresources.isolation.max-calls"))
+        self._max_calls = parse_max_calls(dask.config.get("gpuresources.isolation.max-calls"))
         memory = dask.config.get("gpuresources.isolation.recycle-gpu-memory")
         memory = None if memory is None else parse_bytes(memory)
         self.executor = IsolatedExecutor(
@@ -391,7 +391,7 @@ class GPUWorkerPlugin(WorkerPlugin):
             key=key,
             gpu_ids=tuple(sorted(self.ids[s] for s in slots)),
             tokens=tuple(self.tokens[s] for s in slots),
-            max_calls=self._max_calls if max_calls is None else _max_calls(max_calls),
+            max_calls=self._max_calls if max_calls is None else parse_max_calls(max_calls),
         )
 
     def transition(self, key: Hashable, start: str, finish: str, **kwargs: Any) -> None:
@@ -445,14 +445,6 @@ class GPUWorkerPlugin(WorkerPlugin):
         if lease is None:
             return []
         return [self.tokens[slot] for slot in lease.devices]
-
-
-def _max_calls(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(
-            value, "max_calls must be a whole number >= 0 (0: never recycle)", "max_calls=1"
-        )
-    return value
 
 
 def _running_task() -> tuple[Any, Hashable]:
