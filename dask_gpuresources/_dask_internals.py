@@ -71,6 +71,27 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "which task key runs on the calling thread, for get_gpu_ids()",
     ),
     (
+        "distributed.worker",
+        "Worker.executors",
+        "isolated GPU tasks run on the executor the worker plugin adds here",
+    ),
+    (
+        "distributed.worker",
+        "_run_task_simple",
+        "what Dask hands a non-thread-pool executor; it calls task(data), which the "
+        "isolated executor turns into a call in a child process",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "TaskState.annotations",
+        "the 'executor' annotation routes a task to the isolated executor at acquisition",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.actors",
+        "actor tasks are never isolated (the instance must live in the worker)",
+    ),
+    (
         "distributed.scheduler",
         "Scheduler.worker_objective",
         "placement: GPU tasks go where devices are free, not only where capacity is declared",

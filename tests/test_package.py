@@ -62,3 +62,18 @@ def test_public_surface():
         assert hasattr(gr, name), name
     assert issubclass(gr.InvalidRequestError, ValueError)
     assert gr.exceptions.InfeasibleRequestError is gr.InfeasibleRequestError
+
+
+def test_dask_hands_the_isolated_executor_the_task():
+    # Dask gives executors whose class name lacks "ThreadPoolExecutor" the function
+    # _run_task_simple(task, data, ...), which calls task(data): the isolated executor
+    # relies on both.
+    import inspect
+
+    from distributed.worker import _run_task_simple
+
+    from dask_gpuresources._isolation import IsolatedExecutor
+
+    assert list(inspect.signature(_run_task_simple).parameters)[:2] == ["task", "data"]
+    assert "task(data)" in inspect.getsource(_run_task_simple)
+    assert "ThreadPoolExecutor" not in str(IsolatedExecutor)
