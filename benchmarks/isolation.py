@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     # overhead per task, paired by repetition (each repetition ran all three back to back)
     over = {
         n: statistics.median(
-            b["ms_per_task"] - t["ms_per_task"] for t, b in zip(rows["thread"], rows[n])
+            b["ms_per_task"] - t["ms_per_task"]
+            for t, b in zip(rows["thread"], rows[n], strict=True)
         )
         for n in names[1:]
     }
