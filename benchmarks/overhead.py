@@ -334,22 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         "scaling",
     )
     us = {k: median(v, "us_per_task") for k, v in res.items()}
-    # A per-task cost ratio of 1/0.95 is the throughput target of row 1 restated.
-    limit = 1 / 0.95
     for w in (1, many):
         b, p = us[f"plain-{w}w"], us[f"plugin-{w}w"]
         ratio = paired_ratio(res[f"plain-{w}w"], res[f"plugin-{w}w"], "us_per_task")
         rec.compare(
-            f"scaling {w}w",
-            "us/task",
-            b,
-            p,
-            ratio,
-            f"<= {limit:.3f}",
-            ratio <= limit,
-            n_tasks=n_tiny,
-            n_workers=w,
+            f"scaling {w}w", "us/task", b, p, ratio, None, None, n_tasks=n_tiny, n_workers=w
         )
+    # The target: the plugin's per-task cost does not grow with the number of workers, i.e.
+    # its growth from 1 to 16 workers is plain Dask's, within 5%.
     growth_plain = us[f"plain-{many}w"] / us["plain-1w"]
     growth_plugin = us[f"plugin-{many}w"] / us["plugin-1w"]
     rec.compare(
@@ -358,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         growth_plain,
         growth_plugin,
         growth_plugin / growth_plain,
-        None,
-        None,
+        "<= 1.05",
+        growth_plugin / growth_plain <= 1.05,
         n_tasks=n_tiny,
     )
 
