@@ -13,7 +13,9 @@ from . import _config  # noqa: F401  (registers the config defaults)
 from ._context import get_gpu_ids
 from ._version import __version__
 from .exceptions import (
+    ActorDiedError,
     DeviceCountError,
+    GetTimeoutError,
     InfeasibleRequestError,
     InvalidRequestError,
     IsolatedTaskError,
@@ -21,12 +23,44 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
+    from .api import (
+        ActorHandle,
+        ObjectRef,
+        available_resources,
+        cluster_resources,
+        get,
+        get_runtime_context,
+        init,
+        is_initialized,
+        kill,
+        put,
+        remote,
+        shutdown,
+        wait,
+    )
     from .scheduler import GPUSchedulerPlugin
     from .worker import GPUWorkerPlugin
 
 # The plugins load ``distributed`` on first use, not on ``import dask_gpuresources``: an
 # isolated child process imports this package to answer get_gpu_ids() and stays small.
-_LAZY = {"GPUSchedulerPlugin": ".scheduler", "GPUWorkerPlugin": ".worker"}
+_LAZY = {
+    "GPUSchedulerPlugin": ".scheduler",
+    "GPUWorkerPlugin": ".worker",
+    # the Ray-style facade
+    "ActorHandle": ".api",
+    "ObjectRef": ".api",
+    "available_resources": ".api",
+    "cluster_resources": ".api",
+    "get": ".api",
+    "get_runtime_context": ".api",
+    "init": ".api",
+    "is_initialized": ".api",
+    "kill": ".api",
+    "put": ".api",
+    "remote": ".api",
+    "shutdown": ".api",
+    "wait": ".api",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -41,7 +75,22 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ActorDiedError",
+    "ActorHandle",
     "DeviceCountError",
+    "GetTimeoutError",
+    "ObjectRef",
+    "available_resources",
+    "cluster_resources",
+    "get",
+    "get_runtime_context",
+    "init",
+    "is_initialized",
+    "kill",
+    "put",
+    "remote",
+    "shutdown",
+    "wait",
     "GPUSchedulerPlugin",
     "GPUWorkerPlugin",
     "InfeasibleRequestError",

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["TaskContext", "current", "get_gpu_ids", "set_process_context", "use"]
 
@@ -35,12 +36,15 @@ class TaskContext:
         The ``CUDA_VISIBLE_DEVICES`` entries of its lease, in device order.
     worker
         Address of the worker that leased the devices.
+    actor
+        The key of the actor whose constructor or method is running, if any.
     """
 
     key: Hashable
     gpu_ids: tuple[int, ...] = ()
     tokens: tuple[str, ...] = ()
     worker: str | None = None
+    actor: Hashable | None = None
 
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("dask_gpuresources.task")
@@ -105,3 +109,12 @@ def get_gpu_ids() -> list[int]:
 
     plugin, key = lease_of_running_task()
     return plugin.ids_for(key)
+
+
+def invoke(function: Any, args: tuple, kwargs: dict) -> Any:
+    """Call ``function(*args, **kwargs)``: the task the facade submits for a remote call.
+
+    Kept here, in a module that loads no Dask, so that an isolated child unpickles it
+    without importing ``distributed``.
+    """
+    return function(*args, **kwargs)

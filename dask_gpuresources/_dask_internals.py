@@ -92,6 +92,26 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "actor tasks are never isolated (the instance must live in the worker)",
     ),
     (
+        "distributed.worker_state_machine",
+        "WorkerState._TRANSITIONS_TABLE",
+        "an actor's device hold ends on every transition that releases it",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState._ensure_computing",
+        "tasks waiting for an actor's devices start as soon as the actor goes away",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "merge_recs_instructions",
+        "combines Dask's transition result with the tasks started after a hold ends",
+    ),
+    (
+        "distributed.scheduler",
+        "TaskState.actor",
+        "an actor's GPU load stays counted in placement for the actor's life",
+    ),
+    (
         "distributed.scheduler",
         "Scheduler.worker_objective",
         "placement: GPU tasks go where devices are free, not only where capacity is declared",

@@ -28,6 +28,8 @@ imports neither ``distributed`` nor the worker modules.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import pickle
@@ -185,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(argv[0]))
     _watch_parent(int(argv[1]))
-    op, init = _loads(_recv(sock))
+    try:
+        op, init = _loads(_recv(sock))
+    except (EOFError, OSError):  # the worker let go of this child before using it
+        return
     sys.path[:] = init["sys_path"]
     for module in init["preload"]:
         try:
@@ -194,15 +199,32 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"dask_gpuresources child: could not preload {module}: {err}", file=sys.stderr)
     _send(sock, _dumps(("ready", os.getpid())))
 
+    instance: Any = None  # the actor this child hosts, if it hosts one
+    home: Any = None  # that actor's context, current between its method calls
     while True:
         try:
             frames = _recv(sock)
         except (EOFError, OSError):
             return
         try:
-            _, context, run_spec, data = _loads(frames)
+            message = _loads(frames)
+            op, context = message[0], message[1]
             _context.set_process_context(context)
-            result = run_spec(data)
+            if op == "run":
+                run_spec, data = message[2:]
+                result = run_spec(data)
+            elif op == "actor-init":
+                cls, args, kwargs = message[2:]
+                home = context
+                instance = cls(*args, **kwargs)
+                result = None
+            elif op == "actor-call":
+                name, args, kwargs = message[2:]
+                result = getattr(instance, name)(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = asyncio.run(_awaited(result))
+            else:
+                raise ValueError(f"unknown message {op!r}")
             reply = _dumps(("ok", result))
         except SystemExit as exc:
             # sys.exit() in a task ends its process, as os._exit() would; the worker reports
@@ -211,11 +233,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         except BaseException as exc:  # everything goes back to the worker, as in a thread
             reply = _error_frames(exc)
         finally:
-            _context.set_process_context(None)
+            _context.set_process_context(home)
         try:
             _send(sock, reply)
         except OSError:
             return
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 # -- the worker side ------------------------------------------------------------------------
@@ -362,6 +388,7 @@ class IsolatedExecutor(Executor):
         self._idle: dict[tuple[str, ...], list[_Child]] = {}
         self._running: dict[Hashable, _Child] = {}
         self._aborted: dict[Hashable, str] = {}
+        self._actors: dict[Hashable, _Child] = {}
         self._closed = False
         self._reaper_wake = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -386,8 +413,9 @@ class IsolatedExecutor(Executor):
         with self._lock:
             self._closed = True
             children = [c for cs in self._idle.values() for c in cs]
-            children += list(self._running.values())
+            children += list(self._running.values()) + list(self._actors.values())
             self._idle.clear()
+            self._actors.clear()
         self._reaper_wake.set()
         for child in children:
             child.abort_reason = child.abort_reason or "was stopped because its worker closed"
@@ -426,7 +454,62 @@ class IsolatedExecutor(Executor):
                 {"pid": c.pid, "devices": list(c.tokens), "state": "running", "calls": c.calls}
                 for c in self._running.values()
             ]
+            rows += [
+                {"pid": c.pid, "devices": list(c.tokens), "state": "actor", "calls": c.calls}
+                for c in self._actors.values()
+            ]
         return rows
+
+    # -- actors: one dedicated child each, for the actor's whole life ---------------------
+
+    def start_actor(self, context: TaskContext, cls: type, args: tuple, kwargs: dict) -> _Child:
+        """Start a child bound to the actor's devices and construct the actor in it.
+
+        Blocks until the constructor returns (call it from the actor's creation task); the
+        constructor's exception is raised here.
+        """
+        if self._closed:
+            raise RuntimeError("the isolated executor has been shut down")
+        child = self._start(context.tokens)
+        with self._lock:
+            self._actors[context.key] = child
+        try:
+            child.wait_ready()
+            child.call(_dumps(("actor-init", context, cls, args, kwargs)))
+        except (EOFError, OSError) as err:
+            self.end_actor(context.key)
+            raise self._died(child, IsolatedRun(context.key, (), context.tokens, 0)) from err
+        except BaseException:
+            self.end_actor(context.key)
+            raise
+        return child
+
+    def call_actor(
+        self, child: _Child, context: TaskContext, name: str, args: tuple, kwargs: dict
+    ) -> Any:
+        """Run method ``name`` of the actor hosted by ``child``; one call at a time."""
+        frames = _dumps(("actor-call", context, name, args, kwargs))
+        try:
+            return child.call(frames)
+        except (EOFError, OSError) as err:
+            child.kill()
+            code = child.exitcode()
+            from .exceptions import ActorDiedError
+
+            reason = child.abort_reason or (
+                f"its isolated child process (pid {child.pid}, CUDA_VISIBLE_DEVICES="
+                f"{','.join(child.tokens)!r}) ended with exit code {code}"
+            )
+            raise ActorDiedError(context.actor, self._worker_address(), reason) from err
+
+    def end_actor(self, key: Hashable, reason: str = "it was killed") -> None:
+        """End the child of actor ``key`` (killed, released, or its worker closing)."""
+        with self._lock:
+            child = self._actors.pop(key, None)
+        if child is not None:
+            child.abort_reason = child.abort_reason or reason
+            child.kill()
+            threading.Thread(target=child.close, daemon=True).start()  # reap it
 
     # -- running a task (on one of the executor's threads) ----------------------------------
 

@@ -6,6 +6,10 @@
 - :class:`NoLeaseError` (a ``RuntimeError``): ``get_gpu_ids()`` called outside a Dask task.
 - :class:`DeviceCountError` (a ``ValueError``): a worker declared more GPUs than its
   ``CUDA_VISIBLE_DEVICES`` lists, or a count that is not a whole number.
+- :class:`GetTimeoutError` (a ``TimeoutError``): ``get()`` ran out of time before every
+  object was ready.
+- :class:`ActorDiedError` (a ``RuntimeError``): a call on an actor that was killed, or whose
+  worker or process died.
 - :class:`IsolatedTaskError` (a ``RuntimeError``): the child process running an isolated task
   died (crash, ``os._exit``, out of memory), was ended because the task was cancelled, or
   outlived the task's ``timeout``.
@@ -16,7 +20,9 @@ from __future__ import annotations
 import signal
 
 __all__ = [
+    "ActorDiedError",
     "DeviceCountError",
+    "GetTimeoutError",
     "InfeasibleRequestError",
     "InvalidRequestError",
     "IsolatedTaskError",
@@ -122,3 +128,23 @@ class IsolatedTaskError(RuntimeError):
             self.exitcode,
             self.reason,
         )
+
+
+class GetTimeoutError(TimeoutError):
+    """``get()`` ran out of time before every requested object was ready."""
+
+
+class ActorDiedError(RuntimeError):
+    """The actor is gone: killed, or its worker or process died."""
+
+    def __init__(self, actor: object, worker: str | None, reason: str) -> None:
+        self.actor = actor
+        self.worker = worker
+        self.reason = reason
+        super().__init__(
+            f"actor {actor!r} on worker {worker} is dead ({reason}); create a new one "
+            "with YourActor.remote(...)"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.actor, self.worker, self.reason)

@@ -95,6 +95,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self._processing: dict[Hashable, tuple[str, int]] = {}
         self._load: dict[str, int] = {}
         self._rejected: dict[Hashable, Exception] = {}
+        # actor key -> (worker address, units): GPU actors hold their devices for life
+        self._actor_holds: dict[Hashable, tuple[str, int]] = {}
         self._warned_shapes: set[str] = set()
         self._overloaded: set[str] = set()
         self._rebalance_soon = False
@@ -114,6 +116,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         """Install handlers and placement, then equip every worker."""
         self.scheduler = scheduler
         scheduler.handlers[HANDLER] = self.allocations_handler
+        scheduler.handlers[f"{HANDLER}_usage"] = self.usage_handler
         for addr in list(scheduler.workers):
             self.add_worker(scheduler=scheduler, worker=addr)
         for ts in scheduler.tasks.values():
@@ -266,7 +269,18 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 self._enter_processing(ts)
         elif start == "processing":
             record = self._processing.pop(key, None)
-            if record is not None and record[0] in self._load:
+            if record is not None:
+                ts = self.scheduler.tasks.get(key) if finish == "memory" else None
+                if ts is not None and ts.actor:
+                    # Dask frees an actor's resources once its constructor returns; its
+                    # devices stay held (and counted in placement) until it goes away.
+                    self._actor_holds[key] = record
+                elif record[0] in self._load:
+                    self._exit_processing(*record)
+        elif start == "memory" and key in self._actor_holds:
+            # the actor was released, killed, or lost with its worker
+            record = self._actor_holds.pop(key)
+            if record[0] in self._load:
                 self._exit_processing(*record)
         if finish == "no-worker" and key in self._rejected:
             self.scheduler.loop.add_callback(self._fail_rejected, key)
@@ -382,6 +396,35 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             self._processing[key] = (new, units)
 
     # -- the allocation table ----------------------------------------------------------------
+
+    async def _snapshots(self, refresh: bool) -> dict[str, dict]:
+        scheduler = self.scheduler
+        fresh: dict[str, Any] = {}
+        if refresh:
+            addrs = list(scheduler.workers)
+            if addrs:
+                fresh = await scheduler.broadcast(
+                    msg={"op": PLUGIN_NAME}, workers=addrs, on_error="return"
+                )
+        out = {}
+        for addr, ws in scheduler.workers.items():
+            snap = fresh.get(addr)
+            if not isinstance(snap, dict):
+                snap = ws.metrics.get(PLUGIN_NAME)
+            if isinstance(snap, dict):
+                out[addr] = snap
+        return out
+
+    async def usage_handler(self) -> dict:
+        """``{worker: {"executing": n, "actors": [...], "holders": {device: {key: share}}}}``."""
+        return {
+            addr: {
+                "executing": snap.get("executing", 0),
+                "actors": list(snap.get("actors", ())),
+                "holders": {int(d["id"]): dict(d["holders"]) for d in snap.get("devices", ())},
+            }
+            for addr, snap in (await self._snapshots(refresh=True)).items()
+        }
 
     async def allocations_handler(self, refresh: bool = True) -> dict:
         """``{worker: {device id: {holder key: share}}}`` for every worker with devices.

@@ -29,7 +29,7 @@ from dask.utils import parse_bytes, parse_timedelta
 from distributed import WorkerPlugin
 from distributed.core import Status
 from distributed.worker import get_worker, thread_state
-from distributed.worker_state_machine import TaskState, WorkerState
+from distributed.worker_state_machine import TaskState, WorkerState, merge_recs_instructions
 
 from . import _config  # noqa: F401  (registers the config defaults)
 from ._allocator import DeviceLedger, InvalidRequestError, Lease, parse_gpu_amount
@@ -106,10 +106,32 @@ class GPUAdmission(WorkerState):
             plugin.route(ts)
 
     def _release_resources(self, ts: TaskState) -> None:
-        super()._release_resources(ts)
         plugin = self._gpu_plugin()
+        if plugin is not None and ts.key in self.actors and ts.key in plugin.ledger:
+            # An actor keeps its devices from construction until it goes away (Dask would
+            # free them when the constructor returns); its other resources go back now.
+            for resource, needed in ts.resource_restrictions.items():
+                if resource != GPU:
+                    self.available_resources[resource] += needed
+            plugin.actor_holds[ts.key] = ts.resource_restrictions[GPU]
+            return
+        super()._release_resources(ts)
         if plugin is not None:
             plugin.ledger.release(ts.key)
+
+    def _drop_actor_hold(self, transition: Any, ts: TaskState, *args: Any, **kwargs: Any) -> Any:
+        result = transition(self, ts, *args, **kwargs)
+        plugin = self.plugins.get(PLUGIN_NAME)
+        holds = getattr(plugin, "actor_holds", None)
+        if not holds or ts.key not in holds or ts.state == "memory":
+            return result
+        recs, instructions = result
+        amount = plugin.actor_holds.pop(ts.key)
+        self.available_resources[GPU] = self.available_resources.get(GPU, 0) + amount
+        plugin.ledger.release(ts.key)
+        plugin.actor_released(ts.key)
+        # The devices are free now: start what waits for them in this same stimulus.
+        return merge_recs_instructions((recs, instructions), self._ensure_computing())
 
     def _next_ready_task(self) -> TaskState | None:
         plugin = self._gpu_plugin()
@@ -126,6 +148,26 @@ class GPUAdmission(WorkerState):
             else:
                 self.constrained.discard(candidate)
         return candidate
+
+
+def _wrap_release(transition: Any) -> Any:
+    def wrapped(self: GPUAdmission, ts: TaskState, *args: Any, **kwargs: Any) -> Any:
+        return self._drop_actor_hold(transition, ts, *args, **kwargs)
+
+    wrapped.__name__ = transition.__name__
+    return wrapped
+
+
+# Every way a task leaves "memory" or "executing" (released, erred, forgotten) ends an
+# actor's hold on its devices.
+GPUAdmission._TRANSITIONS_TABLE = {
+    (start, finish): (
+        _wrap_release(fn)
+        if finish in ("released", "error", "forgotten") and start != "released"
+        else fn
+    )
+    for (start, finish), fn in WorkerState._TRANSITIONS_TABLE.items()
+}
 
 
 @functools.cache
@@ -181,6 +223,10 @@ class GPUWorkerPlugin(WorkerPlugin):
         self._bypass_limit = 10.0
         self._blocked: tuple[Hashable, float] | None = None
         self.executor: IsolatedExecutor | None = None
+        #: actor key -> GPU amount it holds for life
+        self.actor_holds: dict[Hashable, Any] = {}
+        #: actor key -> callable that ends the actor's resources (its child process)
+        self._actor_finalizers: dict[Hashable, Any] = {}
         self._isolation = "thread"
         self._max_calls = 0
 
@@ -394,6 +440,18 @@ class GPUWorkerPlugin(WorkerPlugin):
             max_calls=self._max_calls if max_calls is None else parse_max_calls(max_calls),
         )
 
+    def on_actor_release(self, key: Hashable, finalizer: Any) -> None:
+        """Call ``finalizer()`` when the actor ``key`` goes away (released, killed)."""
+        self._actor_finalizers[key] = finalizer
+
+    def actor_released(self, key: Hashable) -> None:
+        finalizer = self._actor_finalizers.pop(key, None)
+        if finalizer is not None:
+            try:
+                finalizer()
+            except Exception:
+                logger.exception("Ending actor %r failed", key)
+
     def transition(self, key: Hashable, start: str, finish: str, **kwargs: Any) -> None:
         # A cancelled isolated task: end its child now, so that its devices come back
         # at once instead of when the task would have finished.
@@ -418,7 +476,10 @@ class GPUWorkerPlugin(WorkerPlugin):
         if ledger is None:
             return {"devices": []}
         holders = ledger.holders()
+        state = self.worker.state if self.worker is not None else None
         return {
+            "executing": len(state.executing) if state is not None else 0,
+            "actors": [str(k) for k in self.actor_holds],
             "devices": [
                 {
                     "id": self.ids[slot],
@@ -426,7 +487,7 @@ class GPUWorkerPlugin(WorkerPlugin):
                     "holders": {str(k): float(v) for k, v in holders[slot].items()},
                 }
                 for slot in range(ledger.n_devices)
-            ]
+            ],
         }
 
     def _heartbeat(self, worker: Any) -> dict:

@@ -1,0 +1,109 @@
+"""The worker side of facade actors: the Dask actor that hosts the user's instance.
+
+Every ``@remote`` class becomes a Dask actor of class :class:`ActorHost`. Its constructor runs
+in the actor's creation task (the moment the worker leased its devices); from then on:
+
+- the devices stay leased until the actor goes away (the worker plugin holds them, see
+  ``GPUAdmission._release_resources``), and the host's finalizer ends its child process then;
+- methods run one at a time, in the order each caller issued them, on a thread of the
+  actor's own (so different actors on one worker run concurrently, and the worker's event
+  loop never waits on user code);
+- with ``isolation="process"`` the instance lives in a dedicated child process bound to the
+  actor's devices, and each method call is forwarded there.
+
+Inside the constructor and every method, ``get_gpu_ids()`` and ``get_runtime_context()``
+answer for the actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from distributed.worker import get_worker, thread_state
+
+from . import _context
+from ._context import TaskContext
+from .exceptions import ActorDiedError
+from .worker import PLUGIN_NAME
+
+__all__ = ["ActorHost"]
+
+
+class ActorHost:
+    """Hosts one facade actor on a worker (created by Dask as an ``actor=True`` task)."""
+
+    def __init__(self, cls: type, args: tuple, kwargs: dict, isolation: str) -> None:
+        worker = get_worker()
+        key = thread_state.key
+        plugin = worker.plugins.get(PLUGIN_NAME)
+        ids = tuple(plugin.ids_for(key)) if plugin is not None else ()
+        tokens = tuple(plugin.tokens_for(key)) if plugin is not None else ()
+        self.key: Hashable = key
+        self.worker = worker.address
+        self.context = TaskContext(key, ids, tokens, worker.address, actor=key)
+        self._next: dict[str, int] = collections.defaultdict(int)
+        self._turn = asyncio.Condition()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"actor-{key}")
+        self._instance: Any = None
+        self._child: Any = None
+        self._dead: str | None = None
+        executor = plugin.executor if plugin is not None else None
+        self._executor = executor
+        if isolation == "process" and executor is not None:
+            self._child = executor.start_actor(self.context, cls, args, kwargs)
+        else:
+            with _context.use(self.context):
+                self._instance = cls(*args, **kwargs)
+        if plugin is not None:
+            plugin.on_actor_release(key, self.close)
+
+    async def call(self, caller: str, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
+        """Run ``method``: the ``seq``-th call from ``caller`` runs after its ``seq - 1``."""
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._next[caller] >= seq)
+        try:
+            if self._dead is not None:
+                raise ActorDiedError(self.key, self.worker, self._dead)
+            context = TaskContext(
+                f"{self.key}.{method}#{seq}",
+                self.context.gpu_ids,
+                self.context.tokens,
+                self.worker,
+                actor=self.key,
+            )
+            loop = asyncio.get_running_loop()
+            # Submitted before anything else can interleave: calls run in turn order. The
+            # copied context carries the worker, so get_worker() works in the method.
+            run = contextvars.copy_context().run
+            future = loop.run_in_executor(
+                self._thread, run, self._run, context, method, args, kwargs
+            )
+        finally:
+            async with self._turn:
+                self._next[caller] = max(self._next[caller], seq + 1)
+                self._turn.notify_all()
+        return await future
+
+    def _run(self, context: TaskContext, method: str, args: tuple, kwargs: dict) -> Any:
+        if self._child is not None:
+            return self._executor.call_actor(self._child, context, method, args, kwargs)
+        with _context.use(context):
+            result = getattr(self._instance, method)(*args, **kwargs)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return result
+
+    def close(self) -> None:
+        """End the actor: its child process, its thread. Called when Dask releases it."""
+        self._dead = "it was killed or released"
+        if self._child is not None:
+            with contextlib.suppress(Exception):
+                self._executor.end_actor(self.key)
+        self._thread.shutdown(wait=False)
+        self._instance = None

@@ -1,0 +1,922 @@
+"""The Ray-style facade: ``init``, ``remote``, ``get``, ``wait``, actors, on Dask.
+
+Everything here is public Dask: an object ref wraps a Dask future (or an actor call's
+future), a remote function is ``client.submit`` with resources and annotations, an actor is a
+Dask actor hosting the user's instance (:mod:`dask_gpuresources._actors`). The code of Ray's
+GPU page runs with ``import dask_gpuresources as ray``.
+
+Defaults that differ from plain Dask, as on Ray's page: a task or actor that asks for GPUs
+runs isolated (a child process whose ``CUDA_VISIBLE_DEVICES`` is its lease), warm children
+are reused (``max_calls=0``), and a request larger than any worker raises
+:class:`~dask_gpuresources.InfeasibleRequestError` at ``.remote()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dask
+import dask.config
+import psutil
+from distributed import Client, Future, Scheduler, SpecCluster
+from distributed.deploy.spec import ProcessInterface
+from distributed.deploy.subprocess import SubprocessWorker
+
+from . import _context
+from ._allocator import parse_gpu_amount
+from ._isolation import ISOLATION_MODES, parse_max_calls
+from .exceptions import (
+    ActorDiedError,
+    GetTimeoutError,
+    InfeasibleRequestError,
+    InvalidRequestError,
+    NoLeaseError,
+)
+
+__all__ = [
+    "ActorClass",
+    "ActorHandle",
+    "ObjectRef",
+    "RemoteFunction",
+    "RuntimeContext",
+    "available_resources",
+    "cluster_resources",
+    "get",
+    "get_runtime_context",
+    "init",
+    "is_initialized",
+    "kill",
+    "put",
+    "remote",
+    "shutdown",
+    "wait",
+]
+
+# -- the connection ------------------------------------------------------------------------
+
+
+@dataclass
+class _Runtime:
+    client: Client
+    cluster: SpecCluster | None
+    largest_gpus: float = 0.0
+    dashboard: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_runtime: _Runtime | None = None
+
+
+@dataclass(frozen=True)
+class InitInfo:
+    """What :func:`init` started or connected to.
+
+    Attributes
+    ----------
+    address
+        The scheduler's address (pass it to ``init(address=...)`` or ``Client(...)``).
+    dashboard_url
+        The Dask dashboard, or ``None`` when it is off.
+    num_gpus
+        GPUs in the cluster when ``init`` returned.
+    """
+
+    address: str
+    dashboard_url: str | None
+    num_gpus: float
+
+    def __getitem__(self, key: str) -> Any:  # Ray returns a dict-like context
+        return getattr(self, key)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+        raise ValueError(f"{name} must be a whole number >= 0, got {value!r}; use {name}=4")
+    if value != int(value):
+        raise ValueError(
+            f"{name} must be a whole number (a machine has whole devices), got {value!r}; "
+            f"use {name}={math.floor(value)} or {name}={math.ceil(value)}"
+        )
+    return int(value)
+
+
+def _detected_gpus() -> int:
+    from ._devices import visible_devices
+    from ._nvml import default_backend, detect
+
+    return detect(default_backend(), visible_devices()).count
+
+
+def init(
+    num_gpus: int | None = None,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    ignore_reinit_error: bool = False,
+    dashboard: bool = True,
+    security: Any = None,
+    **cluster_options: Any,
+) -> InitInfo:
+    """Start a local cluster standing for this machine, or connect to a running one.
+
+    Parameters
+    ----------
+    num_gpus
+        With no ``address``: the GPUs this machine offers (``None``: detect them with NVML,
+        0 without it). The local worker hands out exactly these device ids. Not allowed with
+        ``address`` (as in Ray).
+    address
+        A running scheduler (``tcp://host:8786``); the plugins are installed if missing.
+    num_cpus
+        Threads of the local worker (default: the machine's cores, at least ``num_gpus`` so
+        that every device can be busy at once).
+    ignore_reinit_error
+        Return the current connection instead of raising when already initialised.
+    dashboard
+        Serve Dask's dashboard (on a free port) for the local cluster.
+    security
+        A ``distributed.security.Security`` (TLS), passed to the cluster and the client.
+    **cluster_options
+        Passed to ``distributed.LocalCluster``.
+
+    Examples
+    --------
+    >>> import dask_gpuresources as ray
+    >>> info = ray.init(num_gpus=4)  # doctest: +SKIP
+    >>> info.address, info.num_gpus  # doctest: +SKIP
+    ('tcp://127.0.0.1:41231', 4)
+    """
+    global _runtime
+    if _runtime is not None:
+        if ignore_reinit_error:
+            return _info(_runtime)
+        raise RuntimeError(
+            "init() was already called in this process; call shutdown() first, or pass "
+            "ignore_reinit_error=True to reuse the current cluster"
+        )
+    if address is not None:
+        if num_gpus is not None or num_cpus is not None:
+            raise ValueError(
+                "When connecting to an existing cluster, num_gpus and num_cpus must not be "
+                f"provided (got num_gpus={num_gpus!r}, num_cpus={num_cpus!r}); each worker "
+                f"declares its own: dask worker {address} --resources GPU=4; then call "
+                f"init(address={address!r})"
+            )
+        client = Client(address, security=security, set_as_default=True)
+        cluster = None
+    else:
+        gpus = _detected_gpus() if num_gpus is None else _check_count("num_gpus", num_gpus)
+        cpus = os.cpu_count() or 1 if num_cpus is None else _check_count("num_cpus", num_cpus)
+        cluster = _local_cluster(gpus, max(cpus, gpus, 1), dashboard, security, cluster_options)
+        client = Client(cluster, security=security, set_as_default=True)
+    try:
+        client.wait_for_workers(len(cluster.worker_spec) if cluster is not None else 0)
+        from . import install
+
+        install(client)
+        runtime = _Runtime(client, cluster, dashboard=dashboard or cluster is None)
+        _refresh_largest(runtime)
+    except BaseException:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        raise
+    _runtime = runtime
+    return _info(runtime)
+
+
+class _WorkerProcess(SubprocessWorker):
+    """A local worker in a process of its own, started as ``python -m dask spec``.
+
+    Not ``multiprocessing``: a spawned worker would re-import the user's script (Ray's
+    page runs ``init()`` at module level, with no ``if __name__ == "__main__"`` guard).
+    """
+
+    async def _start(self) -> None:
+        spec = {"cls": self.worker_class, "opts": self.worker_kwargs}
+        env = dict(os.environ)
+        env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dask",
+            "spec",
+            self.scheduler,
+            "--spec",
+            json.dumps(spec),
+            env=env,
+        )
+
+    async def close(self) -> None:
+        # SIGTERM first: the worker closes cleanly, ending its isolated children itself.
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except asyncio.TimeoutError:
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+                process.kill()
+                await process.wait()
+        self.process = None
+        await ProcessInterface.close(self)
+
+
+def _local_cluster(
+    gpus: int, threads: int, dashboard: bool, security: Any, options: dict
+) -> SpecCluster:
+    """One scheduler in this process and one worker process holding ``gpus`` devices."""
+    n_workers = options.pop("n_workers", 1)
+    if not isinstance(n_workers, int) or n_workers < 1 or (gpus and gpus % n_workers):
+        raise ValueError(
+            f"n_workers must be a whole number >= 1 that divides num_gpus={gpus} (each local "
+            f"worker gets its own devices), got {n_workers!r}; use n_workers=1"
+        )
+    scheduler_options = {
+        "port": 0,
+        "dashboard_address": ":0" if dashboard else None,
+        "dashboard": dashboard,
+        **({"security": security} if security is not None else {}),
+        **options.pop("scheduler_options", {}),
+    }
+    per = gpus // n_workers
+    workers = {}
+    for i in range(n_workers):
+        kwargs: dict[str, Any] = {
+            "nthreads": max(threads // n_workers, per, 1),
+            "resources": {"GPU": per},
+            **options.get("worker_options", {}),
+        }
+        if n_workers > 1 and per:
+            # distinct devices per worker: slots i*per .. (i+1)*per - 1 of this machine
+            from ._devices import device_tokens, visible_devices
+
+            tokens = device_tokens(gpus, visible_devices())[i * per : (i + 1) * per]
+            kwargs["env"] = {"CUDA_VISIBLE_DEVICES": ",".join(tokens)}
+        workers[f"gpu-worker-{i}"] = {
+            "cls": _WorkerProcess,
+            "options": {"worker_class": "distributed.Worker", "worker_kwargs": kwargs},
+        }
+    return SpecCluster(
+        workers=workers,
+        scheduler={"cls": Scheduler, "options": scheduler_options},
+        security=security,
+        silence_logs=logging.WARNING,
+        name="dask_gpuresources",
+    )
+
+
+def _info(runtime: _Runtime) -> InitInfo:
+    link = None
+    if runtime.dashboard:
+        try:
+            link = runtime.client.dashboard_link
+        except Exception:  # the scheduler serves no dashboard
+            link = None
+    gpus = sum(
+        w.get("resources", {}).get("GPU", 0)
+        for w in runtime.client.scheduler_info(n_workers=-1)["workers"].values()
+    )
+    return InitInfo(address=runtime.client.scheduler.address, dashboard_url=link, num_gpus=gpus)
+
+
+def shutdown() -> None:
+    """Disconnect, and stop the local cluster if :func:`init` started one."""
+    global _runtime
+    runtime, _runtime = _runtime, None
+    if runtime is None:
+        return
+    runtime.client.close()
+    if runtime.cluster is not None:
+        runtime.cluster.close()
+
+
+def is_initialized() -> bool:
+    """Whether :func:`init` has been called (and not shut down) in this process."""
+    return _runtime is not None
+
+
+def _client() -> Client:
+    if _runtime is None:
+        raise RuntimeError(
+            "dask_gpuresources is not initialised: call init(num_gpus=4) for a local cluster "
+            "or init(address='tcp://scheduler:8786') first"
+        )
+    return _runtime.client
+
+
+def _refresh_largest(runtime: _Runtime) -> float:
+    workers = runtime.client.scheduler_info(n_workers=-1)["workers"].values()
+    runtime.largest_gpus = max((w.get("resources", {}).get("GPU", 0) for w in workers), default=0)
+    return runtime.largest_gpus
+
+
+def _check_feasible(key: str, amount: Any) -> None:
+    """Raise at ``.remote()`` for a request no worker can hold (unless clusters may grow)."""
+    runtime = _runtime
+    if runtime is None or not amount or dask.config.get("gpuresources.infeasible") == "wait":
+        return
+    need = math.ceil(amount)
+    if need <= runtime.largest_gpus:
+        return
+    if need <= _refresh_largest(runtime):  # a bigger worker joined since we looked
+        return
+    workers = runtime.client.scheduler_info(n_workers=-1)["workers"]
+    best = max(workers, key=lambda a: workers[a].get("resources", {}).get("GPU", 0), default=None)
+    largest = workers[best].get("resources", {}).get("GPU", 0) if best else 0
+    raise InfeasibleRequestError(key, _format(amount), int(largest), best if largest else None)
+
+
+def _format(amount: Any) -> str:
+    from ._allocator import format_amount
+
+    return format_amount(amount)
+
+
+# -- object refs ---------------------------------------------------------------------------
+
+
+class _Failed:
+    """A future that already failed (an actor call that could not be sent)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: Any = None) -> Any:
+        raise self.exc
+
+
+class ObjectRef:
+    """A reference to a remote value: what ``f.remote()`` and ``put`` return.
+
+    Pass it to :func:`get`, :func:`wait`, or as an argument to other remote calls (it is
+    resolved before the call runs, also inside lists and dicts).
+    """
+
+    __slots__ = ("_future", "_id")
+
+    def __init__(self, future: Any, id: str) -> None:
+        self._future = future
+        self._id = id
+
+    @property
+    def future(self) -> Any:
+        """The Dask future underneath (a ``distributed.Future`` for tasks and ``put``)."""
+        return self._future
+
+    def task_id(self) -> str:
+        """The Dask key of the task that produces the value (or of the actor call)."""
+        return self._id
+
+    hex = task_id
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self._id})"
+
+    def __reduce__(self):
+        if isinstance(self._future, Future):
+            return ObjectRef, (self._future, self._id)
+        raise TypeError(
+            "an actor call's ObjectRef cannot be sent to another task; pass its value "
+            "(get(ref)) instead"
+        )
+
+
+def _unwrap(value: Any) -> Any:
+    """Object refs to what Dask resolves before a task runs (futures), in any nesting."""
+    if isinstance(value, ObjectRef):
+        if isinstance(value._future, Future):
+            return value._future
+        return value._future.result()  # an actor call's value
+    if isinstance(value, ActorHandle):
+        return value
+    if type(value) in (list, tuple, set, frozenset):
+        return type(value)(_unwrap(v) for v in value)
+    if type(value) is dict:
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
+def _refs(refs: Any, what: str) -> tuple[list[ObjectRef], bool]:
+    if isinstance(refs, ObjectRef):
+        return [refs], True
+    if isinstance(refs, Iterable) and not isinstance(refs, (str, bytes, dict)):
+        refs = list(refs)
+        bad = [r for r in refs if not isinstance(r, ObjectRef)]
+        if not bad:
+            return refs, False
+        raise TypeError(
+            f"{what}() takes ObjectRefs, got {type(bad[0]).__name__}: {bad[0]!r}; pass what "
+            f"f.remote() returned, e.g. {what}([f.remote(1), f.remote(2)])"
+        )
+    raise TypeError(
+        f"{what}() takes an ObjectRef or a list of them, got {type(refs).__name__}: {refs!r}; "
+        f"use {what}(f.remote())"
+    )
+
+
+def get(refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value(s) of object refs, waiting for them.
+
+    Parameters
+    ----------
+    refs
+        One ``ObjectRef`` (returns its value) or a list (returns a list of values).
+    timeout
+        Seconds to wait at most; then :class:`GetTimeoutError` (a ``TimeoutError``).
+
+    Raises
+    ------
+    Exception
+        The task's own exception, with its type and remote traceback.
+
+    Examples
+    --------
+    >>> get(f.remote(1))  # doctest: +SKIP
+    2
+    """
+    items, single = _refs(refs, "get")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    values = []
+    for ref in items:
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+        try:
+            values.append(ref._future.result(timeout=remaining))
+        except TimeoutError:
+            pending = sum(not r._future.done() for r in items)
+            raise GetTimeoutError(
+                f"get() timed out after {timeout} s: {pending} of {len(items)} object(s) not "
+                f"ready, e.g. {ref._id!r}"
+            ) from None
+        except OSError as err:  # an actor call whose worker is gone
+            actor = ref._id.split(".")[0]
+            raise ActorDiedError(actor, None, f"its worker is gone: {err}") from None
+    return values[0] if single else values
+
+
+def wait(
+    refs: list[ObjectRef],
+    *,
+    num_returns: int = 1,
+    timeout: float | None = None,
+    fetch_local: bool = True,
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Wait until ``num_returns`` of ``refs`` are ready, or ``timeout`` seconds.
+
+    Returns
+    -------
+    (ready, not_ready)
+        Both in the order of ``refs``; ``ready`` has at most ``num_returns`` refs.
+    """
+    items, single = _refs(refs, "wait")
+    if single:
+        raise TypeError("wait() takes a list of ObjectRefs; use wait([ref])")
+    if not isinstance(num_returns, int) or not 0 <= num_returns <= len(items):
+        raise ValueError(
+            f"num_returns must be between 0 and the number of refs ({len(items)}), got "
+            f"{num_returns!r}; use wait(refs, num_returns={max(min(len(items), 1), 0)})"
+        )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        ready = [r for r in items if r._future.done()]
+        if len(ready) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    ready = ready[:num_returns]
+    chosen = {id(r) for r in ready}
+    return ready, [r for r in items if id(r) not in chosen]
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in the cluster's memory; returns a ref to pass to remote calls."""
+    (future,) = _client().scatter([value], hash=False)
+    return ObjectRef(future, future.key)
+
+
+def kill(actor: ActorHandle) -> None:
+    """End ``actor`` now: its process ends, its GPUs go back, later calls raise."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(
+            f"kill() takes an actor handle, got {type(actor).__name__}; use kill(Counter.remote())"
+        )
+    actor._kill()
+
+
+# -- resources -----------------------------------------------------------------------------
+
+
+def _usage() -> dict[str, dict]:
+    from .scheduler import HANDLER
+
+    client = _client()
+    return client.sync(getattr(client.scheduler, f"{HANDLER}_usage"))
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the cluster: ``{"CPU": threads, "GPU": devices, ...}``."""
+    totals: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
+    for w in _client().scheduler_info(n_workers=-1)["workers"].values():
+        resources = w.get("resources", {})
+        totals["CPU"] += float(resources.get("CPU", w.get("nthreads", 0)))
+        for name, amount in resources.items():
+            if name != "CPU":
+                totals[name] = totals.get(name, 0.0) + float(amount)
+    return totals
+
+
+def available_resources() -> dict[str, float]:
+    """Resources not held right now: net of running tasks and live actors."""
+    totals = cluster_resources()
+    held_gpu = 0.0
+    busy = 0
+    for worker in _usage().values():
+        busy += worker["executing"]
+        held_gpu += sum(sum(h.values()) for h in worker["holders"].values())
+    free = dict(totals)
+    free["GPU"] = max(totals.get("GPU", 0.0) - held_gpu, 0.0)
+    free["CPU"] = max(totals["CPU"] - busy, 0.0)
+    return free
+
+
+# -- inside tasks and actors -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """Where the calling code runs (Ray's ``get_runtime_context()``)."""
+
+    _task: _context.TaskContext | None
+    _node: str | None
+
+    def get_node_id(self) -> str | None:
+        """The address of the worker running this code; ``None`` in the driver."""
+        return self._node
+
+    def get_task_id(self) -> str | None:
+        """The Dask key of the running task (or actor method call); ``None`` outside."""
+        return None if self._task is None else str(self._task.key)
+
+    def get_actor_id(self) -> str | None:
+        """The key of the actor whose constructor or method runs here, if any."""
+        if self._task is None or self._task.actor is None:
+            return None
+        return str(self._task.actor)
+
+    def get_accelerator_ids(self) -> dict[str, list[str]]:
+        """``{"GPU": [...]}``: the ids of the lease as strings (Ray's form)."""
+        ids = [] if self._task is None else [str(i) for i in self._task.gpu_ids]
+        return {"GPU": ids}
+
+
+def get_runtime_context() -> RuntimeContext:
+    """The running task's or actor's context; in the driver, an empty one."""
+    task = _context.current()
+    if task is not None:
+        return RuntimeContext(task, task.worker)
+    try:
+        from .worker import lease_of_running_task
+
+        plugin, key = lease_of_running_task()
+    except NoLeaseError:
+        return RuntimeContext(None, None)
+    ids = tuple(plugin.ids_for(key))
+    return RuntimeContext(
+        _context.TaskContext(key, ids, tuple(plugin.tokens_for(key)), plugin.worker.address),
+        plugin.worker.address,
+    )
+
+
+# -- remote functions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    num_gpus: Any = 0
+    num_cpus: Any = None
+    resources: dict = field(default_factory=dict)
+    max_calls: int | None = None
+    isolation: str | None = None
+    max_retries: int | None = None
+    name: str | None = None
+
+    def annotations(self) -> dict:
+        isolation = self.isolation or ("process" if self.num_gpus else "thread")
+        out: dict[str, Any] = {"isolation": isolation}
+        if self.max_calls is not None:
+            out["max_calls"] = self.max_calls
+        return out
+
+    def dask_resources(self) -> dict:
+        out = dict(self.resources)
+        if self.num_gpus:
+            out["GPU"] = self.num_gpus
+        if self.num_cpus:
+            out["CPU"] = self.num_cpus
+        return out
+
+
+_OPTION_NAMES = {f for f in _Options.__dataclass_fields__}
+
+
+def _options(base: _Options | None, kwargs: dict, example: str) -> _Options:
+    unknown = set(kwargs) - _OPTION_NAMES
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {sorted(unknown)}; the options are {sorted(_OPTION_NAMES)}, "
+            f"e.g. {example}"
+        )
+    opts = replace(base or _Options(), **kwargs)
+    if opts.num_gpus is None:
+        opts = replace(opts, num_gpus=0)
+    try:
+        amount = parse_gpu_amount(opts.num_gpus)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(
+            opts.num_gpus, f"num_gpus: {e.reason}", example.replace("num_gpus=1", "num_gpus=1")
+        ) from None
+    if opts.num_cpus is not None and (
+        isinstance(opts.num_cpus, bool)
+        or not isinstance(opts.num_cpus, numbers.Real)
+        or opts.num_cpus < 0
+    ):
+        raise InvalidRequestError(opts.num_cpus, "num_cpus must be a number >= 0", "num_cpus=1")
+    if not isinstance(opts.resources, dict) or {"GPU", "CPU", "gpu", "cpu"} & set(opts.resources):
+        raise InvalidRequestError(
+            opts.resources,
+            "resources= is for custom resources; GPUs and CPUs are asked with num_gpus and "
+            "num_cpus",
+            "@remote(num_gpus=1, resources={'special_hardware': 1})",
+        )
+    if opts.isolation is not None and opts.isolation not in ISOLATION_MODES:
+        raise InvalidRequestError(
+            opts.isolation, "isolation must be 'thread' or 'process'", "isolation='process'"
+        )
+    if opts.max_calls is not None:
+        parse_max_calls(opts.max_calls)
+    if opts.max_retries is not None and (
+        isinstance(opts.max_retries, bool)
+        or not isinstance(opts.max_retries, int)
+        or opts.max_retries < 0
+    ):
+        raise InvalidRequestError(
+            opts.max_retries, "max_retries must be an int >= 0", "max_retries=3"
+        )
+    # store the exact amount Dask will see: whole numbers as int, fractions as float
+    num = int(amount) if amount == int(amount) else float(amount)
+    return replace(opts, num_gpus=num)
+
+
+def _key(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex}"
+
+
+class RemoteFunction:
+    """A function decorated with :func:`remote`; call it with ``.remote(*args)``."""
+
+    def __init__(self, function: Callable, options: _Options) -> None:
+        self._function = function
+        self._opts = options
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"Remote functions cannot be called directly. Instead of running "
+            f"'{self._function.__name__}()', try '{self._function.__name__}.remote()'."
+        )
+
+    def options(self, **options: Any) -> RemoteFunction:
+        """A copy with some options changed for the calls made through it.
+
+        Examples
+        --------
+        >>> f.options(num_gpus=2).remote()  # doctest: +SKIP
+        """
+        return RemoteFunction(
+            self._function, _options(self._opts, options, "f.options(num_gpus=1)")
+        )
+
+    def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
+        """Submit one call; returns its :class:`ObjectRef` at once."""
+        client = _client()
+        opts = self._opts
+        key = _key(opts.name or self._function.__name__)
+        _check_feasible(key, opts.num_gpus)
+        with dask.annotate(**opts.annotations()):
+            future = client.submit(
+                _context.invoke,
+                self._function,
+                _unwrap(args),
+                _unwrap(kwargs),
+                key=key,
+                resources=opts.dask_resources() or None,
+                retries=opts.max_retries,
+                pure=False,
+            )
+        return ObjectRef(future, key)
+
+
+# -- actors --------------------------------------------------------------------------------
+
+
+class ActorClass:
+    """A class decorated with :func:`remote`; create actors with ``.remote(*args)``."""
+
+    def __init__(self, cls: type, options: _Options) -> None:
+        self._cls = cls
+        self._opts = options
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"Actors cannot be instantiated directly. Instead of '{self._cls.__name__}()', use "
+            f"'{self._cls.__name__}.remote()'."
+        )
+
+    def options(self, **options: Any) -> ActorClass:
+        """A copy with some options changed for the actors created through it."""
+        return ActorClass(self._cls, _options(self._opts, options, "A.options(num_gpus=1)"))
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Create an actor; it holds its GPUs from construction until it goes away."""
+        from ._actors import ActorHost
+
+        client = _client()
+        opts = self._opts
+        key = _key(opts.name or self._cls.__name__)
+        _check_feasible(key, opts.num_gpus)
+        isolation = opts.isolation or ("process" if opts.num_gpus else "thread")
+        future = client.submit(
+            ActorHost,
+            self._cls,
+            _unwrap(args),
+            _unwrap(kwargs),
+            isolation,
+            key=key,
+            resources=opts.dask_resources() or None,
+            actor=True,
+            pure=False,
+        )
+        return ActorHandle(future, self._cls, key)
+
+
+class ActorHandle:
+    """A handle on a live actor: ``handle.method.remote(*args)`` returns an ObjectRef.
+
+    Handles can be passed to tasks (thread isolation) and to other actors.
+    """
+
+    def __init__(self, future: Future, cls: type, key: str) -> None:
+        self._future = future
+        self._cls = cls
+        self._key = key
+        self._proxy: Any = None
+        self._caller = uuid.uuid4().hex
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return _rebuild_handle, (self._future, self._cls, self._key, self._proxy)
+
+    def __repr__(self) -> str:
+        return f"Actor({self._cls.__name__}, {self._key})"
+
+    def __getattr__(self, name: str) -> _ActorMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if not callable(getattr(self._cls, name, None)):
+            raise AttributeError(
+                f"actor class {self._cls.__name__} has no method {name!r}; its methods are "
+                f"{sorted(n for n in dir(self._cls) if not n.startswith('_'))}"
+            )
+        return _ActorMethod(self, name)
+
+    def _resolve(self) -> Any:
+        with self._lock:
+            if self._proxy is None:
+                self._proxy = self._future.result()
+            return self._proxy
+
+    def _status_error(self) -> ActorDiedError | None:
+        status = self._future.status
+        if status in ("finished", "pending"):
+            return None
+        return ActorDiedError(self._key, getattr(self._proxy, "_address", None), f"status {status}")
+
+    def _call(self, method: str, args: tuple, kwargs: dict) -> ObjectRef:
+        call_id = f"{self._key}.{method}"
+        dead = self._status_error()
+        if dead is not None:
+            return ObjectRef(_Failed(dead), call_id)
+        try:
+            proxy = self._resolve()
+        except Exception as exc:  # the constructor failed: every call reports it
+            return ObjectRef(_Failed(exc), call_id)
+        args, kwargs = _unwrap(args), _unwrap(kwargs)
+        seq = next(self._seq)
+        try:
+            future = proxy.call(self._caller, seq, method, args, kwargs)
+        except RuntimeError as exc:  # "Worker holding Actor was lost"
+            return ObjectRef(_Failed(ActorDiedError(self._key, proxy._address, str(exc))), call_id)
+        return ObjectRef(future, f"{call_id}#{seq}")
+
+    def _kill(self) -> None:
+        self._future.cancel(force=True)
+
+
+def _rebuild_handle(future: Future, cls: type, key: str, proxy: Any) -> ActorHandle:
+    handle = ActorHandle(future, cls, key)
+    handle._proxy = proxy
+    return handle
+
+
+class _ActorMethod:
+    def __init__(self, handle: ActorHandle, name: str) -> None:
+        self._handle = handle
+        self._name = name
+
+    def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
+        return self._handle._call(self._name, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"Actor methods cannot be called directly. Instead of running "
+            f"'actor.{self._name}()', try 'actor.{self._name}.remote()'."
+        )
+
+
+# -- the decorator -------------------------------------------------------------------------
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """Make a function a remote function, or a class an actor class.
+
+    Bare (``@remote``) or with options (``@remote(num_gpus=1)``).
+
+    Parameters
+    ----------
+    num_gpus
+        GPUs each call or actor holds: a fraction below 1 or a whole number (default 0).
+    num_cpus
+        Dask ``CPU`` resource to hold (only where workers declare one).
+    resources
+        Other Dask resources, e.g. ``{"special_hardware": 1}``.
+    max_calls
+        Recycle an isolated child after this many calls (0: never; 1: a fresh process per
+        call, Ray's default for GPU functions).
+    isolation
+        ``"process"`` (default when ``num_gpus > 0``) or ``"thread"``.
+    max_retries
+        Retries of a failed call (Dask ``retries``).
+
+    Examples
+    --------
+    >>> @remote(num_gpus=1)
+    ... def use_gpu():
+    ...     return get_gpu_ids()
+    >>> get(use_gpu.remote())  # doctest: +SKIP
+    [0]
+    """
+    if len(args) == 1 and not options and (callable(args[0]) or isinstance(args[0], type)):
+        return _make(args[0], _Options())
+    if args:
+        raise TypeError(
+            "remote() takes a function or class, or only keyword options; use @remote or "
+            "@remote(num_gpus=1)"
+        )
+    opts = _options(None, options, "@remote(num_gpus=1)")
+    return lambda target: _make(target, opts)
+
+
+def _make(target: Any, opts: _Options) -> Any:
+    if isinstance(target, type):
+        return ActorClass(target, opts)
+    if callable(target):
+        return RemoteFunction(target, opts)
+    raise TypeError(f"@remote applies to functions and classes, got {target!r}")
