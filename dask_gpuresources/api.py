@@ -14,6 +14,7 @@ are reused (``max_calls=0``), and a request larger than any worker raises
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import itertools
@@ -27,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -465,7 +467,7 @@ def get(refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> A
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
         try:
             values.append(ref._future.result(timeout=remaining))
-        except TimeoutError:
+        except (TimeoutError, concurrent.futures.TimeoutError):
             pending = sum(not r._future.done() for r in items)
             raise GetTimeoutError(
                 f"get() timed out after {timeout} s: {pending} of {len(items)} object(s) not "
@@ -800,6 +802,8 @@ class ActorHandle:
         self._caller = uuid.uuid4().hex
         self._seq = itertools.count()
         self._lock = threading.Lock()
+        self._deferred = 0  # calls waiting for the actor to be constructed
+        self._dispatcher: ThreadPoolExecutor | None = None
 
     def __reduce__(self):
         return _rebuild_handle, (self._future, self._cls, self._key, self._proxy)
@@ -817,12 +821,6 @@ class ActorHandle:
             )
         return _ActorMethod(self, name)
 
-    def _resolve(self) -> Any:
-        with self._lock:
-            if self._proxy is None:
-                self._proxy = self._future.result()
-            return self._proxy
-
     def _status_error(self) -> ActorDiedError | None:
         status = self._future.status
         if status in ("finished", "pending"):
@@ -834,17 +832,38 @@ class ActorHandle:
         dead = self._status_error()
         if dead is not None:
             return ObjectRef(_Failed(dead), call_id)
-        try:
-            proxy = self._resolve()
-        except Exception as exc:  # the constructor failed: every call reports it
-            return ObjectRef(_Failed(exc), call_id)
         args, kwargs = _unwrap(args), _unwrap(kwargs)
-        seq = next(self._seq)
+        with self._lock:
+            seq = next(self._seq)
+            ready = self._proxy is not None and self._deferred == 0
+            if not ready:
+                # Not constructed yet (it may be waiting for devices): send the call from a
+                # thread once it is, so that .remote() returns at once, as in Ray.
+                self._deferred += 1
+        if ready:
+            return ObjectRef(self._send(self._proxy, seq, method, args, kwargs), f"{call_id}#{seq}")
+        if self._dispatcher is None:
+            self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix=f"send-{self._key}")
+        return ObjectRef(
+            self._dispatcher.submit(self._send_later, seq, method, args, kwargs),
+            f"{call_id}#{seq}",
+        )
+
+    def _send(self, proxy: Any, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
         try:
-            future = proxy.call(self._caller, seq, method, args, kwargs)
+            return proxy.call(self._caller, seq, method, args, kwargs)
         except RuntimeError as exc:  # "Worker holding Actor was lost"
-            return ObjectRef(_Failed(ActorDiedError(self._key, proxy._address, str(exc))), call_id)
-        return ObjectRef(future, f"{call_id}#{seq}")
+            return _Failed(ActorDiedError(self._key, proxy._address, str(exc)))
+
+    def _send_later(self, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
+        try:
+            proxy = self._future.result()
+            with self._lock:
+                self._proxy = self._proxy or proxy
+            return self._send(proxy, seq, method, args, kwargs).result()
+        finally:
+            with self._lock:
+                self._deferred -= 1
 
     def _kill(self) -> None:
         self._future.cancel(force=True)
