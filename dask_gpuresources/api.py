@@ -187,7 +187,8 @@ def init(
         cluster = _local_cluster(gpus, max(cpus, gpus, 1), dashboard, security, cluster_options)
         client = Client(cluster, security=security, set_as_default=True)
     try:
-        client.wait_for_workers(len(cluster.worker_spec) if cluster is not None else 0)
+        if cluster is not None:
+            client.wait_for_workers(len(cluster.worker_spec))
         from . import install
 
         install(client)
@@ -823,7 +824,7 @@ class ActorHandle:
 
     def _status_error(self) -> ActorDiedError | None:
         status = self._future.status
-        if status in ("finished", "pending"):
+        if status not in ("error", "cancelled", "lost"):
             return None
         return ActorDiedError(self._key, getattr(self._proxy, "_address", None), f"status {status}")
 
