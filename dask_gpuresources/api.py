@@ -185,7 +185,8 @@ def init(
         gpus = _detected_gpus() if num_gpus is None else _check_count("num_gpus", num_gpus)
         cpus = os.cpu_count() or 1 if num_cpus is None else _check_count("num_cpus", num_cpus)
         cluster = _local_cluster(gpus, max(cpus, gpus, 1), dashboard, security, cluster_options)
-        client = Client(cluster, security=security, set_as_default=True)
+        # Actor calls go straight to the worker, not through the scheduler (one machine).
+        client = Client(cluster, security=security, set_as_default=True, direct_to_workers=True)
     try:
         if cluster is not None:
             client.wait_for_workers(len(cluster.worker_spec))

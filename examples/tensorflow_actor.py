@@ -30,8 +30,11 @@ class GPUActor(object):
         self.y = self.x @ rng.normal(size=(8, 1)).astype("float32") + 0.1
         tf.keras.utils.set_random_seed(seed)
         self.model = tf.keras.Sequential(
-            [tf.keras.Input(shape=(8,)), tf.keras.layers.Dense(16, activation="relu"),
-             tf.keras.layers.Dense(1)]
+            [
+                tf.keras.Input(shape=(8,)),
+                tf.keras.layers.Dense(16, activation="relu"),
+                tf.keras.layers.Dense(1),
+            ]
         )
         self.model.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="mse")
         self.devices = [d.name for d in tf.config.list_physical_devices("GPU")]

@@ -29,8 +29,11 @@ def gpu_method(epochs, seed):
 
     tf.keras.utils.set_random_seed(seed)
     model = tf.keras.Sequential(
-        [tf.keras.Input(shape=(8,)), tf.keras.layers.Dense(16, activation="relu"),
-         tf.keras.layers.Dense(1)]
+        [
+            tf.keras.Input(shape=(8,)),
+            tf.keras.layers.Dense(16, activation="relu"),
+            tf.keras.layers.Dense(1),
+        ]
     )
     model.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="mse")
     history = model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
