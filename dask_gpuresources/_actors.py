@@ -49,6 +49,7 @@ class ActorHost:
         self.context = TaskContext(key, ids, tokens, worker.address, actor=key)
         self._next: dict[str, int] = collections.defaultdict(int)
         self._turn = asyncio.Condition()
+        self._early = 0  # calls waiting for an earlier one from the same caller
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"actor-{key}")
         self._instance: Any = None
         self._child: Any = None
@@ -65,8 +66,13 @@ class ActorHost:
 
     async def call(self, caller: str, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
         """Run ``method``: the ``seq``-th call from ``caller`` runs after its ``seq - 1``."""
-        async with self._turn:
-            await self._turn.wait_for(lambda: self._next[caller] >= seq)
+        if self._next[caller] < seq:  # arrived before an earlier call: wait for its turn
+            self._early += 1
+            try:
+                async with self._turn:
+                    await self._turn.wait_for(lambda: self._next[caller] >= seq)
+            finally:
+                self._early -= 1
         try:
             if self._dead is not None:
                 raise ActorDiedError(self.key, self.worker, self._dead)
@@ -77,17 +83,22 @@ class ActorHost:
                 self.worker,
                 actor=self.key,
             )
-            loop = asyncio.get_running_loop()
             # Submitted before anything else can interleave: calls run in turn order. The
             # copied context carries the worker, so get_worker() works in the method.
-            run = contextvars.copy_context().run
-            future = loop.run_in_executor(
-                self._thread, run, self._run, context, method, args, kwargs
+            future = asyncio.get_running_loop().run_in_executor(
+                self._thread,
+                contextvars.copy_context().run,
+                self._run,
+                context,
+                method,
+                args,
+                kwargs,
             )
         finally:
-            async with self._turn:
-                self._next[caller] = max(self._next[caller], seq + 1)
-                self._turn.notify_all()
+            self._next[caller] = max(self._next[caller], seq + 1)
+            if self._early:
+                async with self._turn:
+                    self._turn.notify_all()
         return await future
 
     def _run(self, context: TaskContext, method: str, args: tuple, kwargs: dict) -> Any:

@@ -34,6 +34,7 @@ from typing import Any
 
 import dask
 import dask.config
+import distributed
 import psutil
 from distributed import Client, Future, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
@@ -78,6 +79,7 @@ class _Runtime:
     cluster: SpecCluster | None
     largest_gpus: float = 0.0
     dashboard: bool = True
+    batcher: _Batcher | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -194,6 +196,7 @@ def init(
 
         install(client)
         runtime = _Runtime(client, cluster, dashboard=dashboard or cluster is None)
+        runtime.batcher = _Batcher(client)
         _refresh_largest(runtime)
     except BaseException:
         client.close()
@@ -307,6 +310,8 @@ def shutdown() -> None:
     runtime, _runtime = _runtime, None
     if runtime is None:
         return
+    if runtime.batcher is not None:
+        runtime.batcher.close()
     runtime.client.close()
     if runtime.cluster is not None:
         runtime.cluster.close()
@@ -424,6 +429,17 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
+def _values(value: Any) -> Any:
+    """Object refs replaced by their values, in any nesting (for actor calls)."""
+    if isinstance(value, ObjectRef):
+        return get(value)
+    if type(value) in (list, tuple, set, frozenset):
+        return type(value)(_values(v) for v in value)
+    if type(value) is dict:
+        return {k: _values(v) for k, v in value.items()}
+    return value
+
+
 def _refs(refs: Any, what: str) -> tuple[list[ObjectRef], bool]:
     if isinstance(refs, ObjectRef):
         return [refs], True
@@ -463,17 +479,33 @@ def get(refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> A
     2
     """
     items, single = _refs(refs, "get")
+    _flush()
     deadline = None if timeout is None else time.monotonic() + timeout
+    futures = [r._future for r in items if isinstance(r._future, Future)]
+    gathered: dict[str, Any] = {}
+    if futures:
+        # one wait and one gather for all task results, not a round trip per ref
+        try:
+            distributed.wait(futures, timeout=timeout)
+        except TimeoutError:
+            pending = [f.key for f in futures if not f.done()]
+            raise GetTimeoutError(
+                f"get() timed out after {timeout} s: {len(pending)} of {len(items)} "
+                f"object(s) not ready, e.g. {pending[0]!r}"
+            ) from None
+        values = futures[0].client.gather(futures)
+        gathered = {f.key: v for f, v in zip(futures, values, strict=True)}
     values = []
     for ref in items:
+        if isinstance(ref._future, Future):
+            values.append(gathered[ref._future.key])
+            continue
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
         try:
             values.append(ref._future.result(timeout=remaining))
         except (TimeoutError, concurrent.futures.TimeoutError):
-            pending = sum(not r._future.done() for r in items)
             raise GetTimeoutError(
-                f"get() timed out after {timeout} s: {pending} of {len(items)} object(s) not "
-                f"ready, e.g. {ref._id!r}"
+                f"get() timed out after {timeout} s waiting for {ref._id!r}"
             ) from None
         except OSError as err:  # an actor call whose worker is gone
             actor = ref._id.split(".")[0]
@@ -496,6 +528,7 @@ def wait(
         Both in the order of ``refs``; ``ready`` has at most ``num_returns`` refs.
     """
     items, single = _refs(refs, "wait")
+    _flush()
     if single:
         raise TypeError("wait() takes a list of ObjectRefs; use wait([ref])")
     if not isinstance(num_returns, int) or not 0 <= num_returns <= len(items):
@@ -518,6 +551,7 @@ def wait(
 
 def put(value: Any) -> ObjectRef:
     """Store ``value`` in the cluster's memory; returns a ref to pass to remote calls."""
+    _flush()
     (future,) = _client().scatter([value], hash=False)
     return ObjectRef(future, future.key)
 
@@ -528,6 +562,7 @@ def kill(actor: ActorHandle) -> None:
         raise TypeError(
             f"kill() takes an actor handle, got {type(actor).__name__}; use kill(Counter.remote())"
         )
+    _flush()
     actor._kill()
 
 
@@ -699,6 +734,89 @@ def _key(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex}"
 
 
+class _Batcher:
+    """Sends ``.remote()`` calls to the scheduler in batches.
+
+    One ``client.submit`` per call costs the scheduler a graph update each (about 2 ms on a
+    small machine); consecutive calls with the same function and options go as one
+    ``client.map`` instead. A batch leaves when it reaches ``LIMIT`` calls, when anything
+    waits on a result (``get``, ``wait``, an actor call, ...), or 1 ms after its first call,
+    so nothing is held back. Calls keep their order across batches.
+    """
+
+    LIMIT = 512
+    DELAY = 0.001
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.pending: list[tuple] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="remote-batcher", daemon=True)
+        self.thread.start()
+
+    def add(self, function: Callable, args: tuple, kwargs: dict, key: str, opts: _Options):
+        future = Future(key, self.client)
+        with self.lock:
+            self.pending.append((function, args, kwargs, key, opts))
+            full = len(self.pending) >= self.LIMIT
+            if len(self.pending) == 1:
+                self.wake.notify()
+        if full:
+            self.flush()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending and not self.closed:
+                    self.wake.wait()
+                if self.closed:
+                    return
+            time.sleep(self.DELAY)
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        start = 0
+        for i in range(1, len(batch) + 1):
+            if (
+                i == len(batch)
+                or batch[i][0] is not batch[start][0]
+                or batch[i][4] != batch[start][4]
+            ):
+                self._send(batch[start:i])
+                start = i
+
+    def _send(self, run: list[tuple]) -> None:
+        function, opts = run[0][0], run[0][4]
+        with dask.annotate(**opts.annotations()):
+            self.client.map(
+                _context.invoke,
+                [function] * len(run),
+                [c[1] for c in run],
+                [c[2] for c in run],
+                key=[c[3] for c in run],
+                resources=opts.dask_resources() or None,
+                retries=opts.max_retries,
+                pure=False,
+            )
+
+    def close(self) -> None:
+        self.flush()
+        with self.lock:
+            self.closed = True
+            self.wake.notify()
+
+
+def _flush() -> None:
+    runtime = _runtime
+    if runtime is not None and runtime.batcher is not None:
+        runtime.batcher.flush()
+
+
 class RemoteFunction:
     """A function decorated with :func:`remote`; call it with ``.remote(*args)``."""
 
@@ -726,21 +844,11 @@ class RemoteFunction:
 
     def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
         """Submit one call; returns its :class:`ObjectRef` at once."""
-        client = _client()
+        _client()  # initialised?
         opts = self._opts
         key = _key(opts.name or self._function.__name__)
         _check_feasible(key, opts.num_gpus)
-        with dask.annotate(**opts.annotations()):
-            future = client.submit(
-                _context.invoke,
-                self._function,
-                _unwrap(args),
-                _unwrap(kwargs),
-                key=key,
-                resources=opts.dask_resources() or None,
-                retries=opts.max_retries,
-                pure=False,
-            )
+        future = _runtime.batcher.add(self._function, _unwrap(args), _unwrap(kwargs), key, opts)
         return ObjectRef(future, key)
 
 
@@ -776,6 +884,7 @@ class ActorClass:
         key = _key(opts.name or self._cls.__name__)
         _check_feasible(key, opts.num_gpus)
         isolation = opts.isolation or ("process" if opts.num_gpus else "thread")
+        _flush()  # tasks whose refs the constructor takes go first
         future = client.submit(
             ActorHost,
             self._cls,
@@ -834,7 +943,8 @@ class ActorHandle:
         dead = self._status_error()
         if dead is not None:
             return ObjectRef(_Failed(dead), call_id)
-        args, kwargs = _unwrap(args), _unwrap(kwargs)
+        # Dask resolves futures only in task arguments: an actor call gets the values.
+        args, kwargs = _values(args), _values(kwargs)
         with self._lock:
             seq = next(self._seq)
             ready = self._proxy is not None and self._deferred == 0
