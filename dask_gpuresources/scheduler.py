@@ -117,6 +117,10 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers[HANDLER] = self.allocations_handler
         scheduler.handlers[f"{HANDLER}_usage"] = self.usage_handler
+        scheduler.handlers[f"{HANDLER}_table"] = self.table_handler
+        from ._http import install_routes
+
+        install_routes(scheduler, self)
         for addr in list(scheduler.workers):
             self.add_worker(scheduler=scheduler, worker=addr)
         for ts in scheduler.tasks.values():
@@ -414,6 +418,44 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             if isinstance(snap, dict):
                 out[addr] = snap
         return out
+
+    def table(self, snapshots: dict[str, dict]) -> dict:
+        """The allocation table as plain data (JSON route, ``status``, metrics).
+
+        ``{worker: {"gpus": n, "executing": n, "devices": {id: {"token": str,
+        "holders": [{"key", "kind": "task"|"actor", "amount"}], "memory_used": bytes|None,
+        "utilization": percent|None}}}}``
+        """
+        out = {}
+        for addr, ws in self.scheduler.workers.items():
+            snap = snapshots.get(addr) or {}
+            actors = set(snap.get("actors", ()))
+            out[addr] = {
+                "gpus": ws.resources.get(GPU, 0),
+                "executing": snap.get("executing", 0),
+                "devices": {
+                    str(d["id"]): {
+                        "token": d.get("token"),
+                        "holders": [
+                            {
+                                "key": key,
+                                "kind": "actor" if key in actors else "task",
+                                "amount": share,
+                            }
+                            for key, share in d["holders"].items()
+                        ],
+                        "memory_used": d.get("memory_used"),
+                        "memory_total": d.get("memory_total"),
+                        "utilization": d.get("utilization"),
+                    }
+                    for d in snap.get("devices", ())
+                },
+            }
+        return out
+
+    async def table_handler(self, refresh: bool = True) -> dict:
+        """:meth:`table`, with the workers asked now (``refresh``) or from heartbeats."""
+        return self.table(await self._snapshots(refresh))
 
     async def usage_handler(self) -> dict:
         """``{worker: {"executing": n, "actors": [...], "holders": {device: {key: share}}}}``."""

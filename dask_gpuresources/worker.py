@@ -229,6 +229,7 @@ class GPUWorkerPlugin(WorkerPlugin):
         self._actor_finalizers: dict[Hashable, Any] = {}
         self._isolation = "thread"
         self._max_calls = 0
+        self._readings: NVMLBackend | None = None  # NVML, when it sees this worker's GPUs
 
     def __getstate__(self) -> dict:
         # Only the configuration travels (the scheduler ships this plugin to every worker).
@@ -313,6 +314,8 @@ class GPUWorkerPlugin(WorkerPlugin):
             found = detect(self.nvml or default_backend(), visible)
             if found.reason:
                 logger.info("No GPUs detected, so this worker offers GPU=0: %s", found.reason)
+            else:
+                self._readings = self.nvml or default_backend()
             return found.count, list(found.tokens), dict(found.uuid_index)
 
         if declared < 0 or declared != int(declared):
@@ -326,6 +329,8 @@ class GPUWorkerPlugin(WorkerPlugin):
         if count:
             found = detect(self.nvml or default_backend(), visible)
             uuid_index = dict(found.uuid_index)
+            if found.reason is None:
+                self._readings = self.nvml or default_backend()
             if found.reason is None and count > found.count:
                 logger.warning(
                     "This worker declares GPU=%d but NVML sees %d device(s); the extra %d are "
@@ -485,10 +490,27 @@ class GPUWorkerPlugin(WorkerPlugin):
                     "id": self.ids[slot],
                     "token": self.tokens[slot],
                     "holders": {str(k): float(v) for k, v in holders[slot].items()},
+                    **self._reading(slot),
                 }
                 for slot in range(ledger.n_devices)
             ],
         }
+
+    def _reading(self, slot: int) -> dict:
+        """NVML's memory and utilization for a device, when NVML sees it."""
+        backend = self._readings
+        if backend is None:
+            return {}
+        try:
+            index = int(self.ids[slot])
+            return {
+                "memory_used": backend.memory_used(index),
+                "utilization": backend.utilization(index),
+            }
+        except Exception as err:  # NVML lost, or a logical device NVML does not have
+            logger.info("Not reading GPU memory and utilization any more: %s", err)
+            self._readings = None
+            return {}
 
     def _heartbeat(self, worker: Any) -> dict:
         return self.snapshot()
