@@ -121,6 +121,15 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         from ._http import install_routes
 
         install_routes(scheduler, self)
+        try:
+            from .dashboard import install_page
+        except ImportError:  # no bokeh: no dashboard page (Dask has no dashboard either)
+            pass
+        else:
+            try:
+                install_page(scheduler, self)
+            except Exception:
+                logger.exception("Could not add the GPU allocations page to the dashboard")
         for addr in list(scheduler.workers):
             self.add_worker(scheduler=scheduler, worker=addr)
         for ts in scheduler.tasks.values():

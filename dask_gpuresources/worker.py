@@ -107,15 +107,13 @@ class GPUAdmission(WorkerState):
 
     def _release_resources(self, ts: TaskState) -> None:
         plugin = self._gpu_plugin()
+        super()._release_resources(ts)
         if plugin is not None and ts.key in self.actors and ts.key in plugin.ledger:
-            # An actor keeps its devices from construction until it goes away (Dask would
-            # free them when the constructor returns); its other resources go back now.
-            for resource, needed in ts.resource_restrictions.items():
-                if resource != GPU:
-                    self.available_resources[resource] += needed
+            # An actor keeps its devices from construction until it goes away. Dask's own
+            # books count them free again once the constructor returns (its invariant: only
+            # running tasks hold resources); the ledger, which admits GPU tasks, does not.
             plugin.actor_holds[ts.key] = ts.resource_restrictions[GPU]
             return
-        super()._release_resources(ts)
         if plugin is not None:
             plugin.ledger.release(ts.key)
 
@@ -126,8 +124,7 @@ class GPUAdmission(WorkerState):
         if not holds or ts.key not in holds or ts.state == "memory":
             return result
         recs, instructions = result
-        amount = plugin.actor_holds.pop(ts.key)
-        self.available_resources[GPU] = self.available_resources.get(GPU, 0) + amount
+        plugin.actor_holds.pop(ts.key)
         plugin.ledger.release(ts.key)
         plugin.actor_released(ts.key)
         # The devices are free now: start what waits for them in this same stimulus.
