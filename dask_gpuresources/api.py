@@ -218,6 +218,10 @@ class _WorkerProcess(SubprocessWorker):
         spec = {"cls": self.worker_class, "opts": self.worker_kwargs}
         env = dict(os.environ)
         env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        # The driver's import path, as multiprocessing would hand it on: modules next to the
+        # user's script (or added to sys.path at run time) import on the worker too.
+        paths = [p for p in sys.path if p] + [env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

@@ -15,7 +15,14 @@ import logging
 from typing import Any
 
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, HoverTool, Range1d
+from bokeh.models import (
+    ColumnDataSource,
+    DataTable,
+    HoverTool,
+    NumberFormatter,
+    Range1d,
+    TableColumn,
+)
 from bokeh.plotting import figure
 from distributed.dashboard.components import DashboardComponent
 
@@ -42,9 +49,11 @@ class GPUAllocations(DashboardComponent):
                 "kind": [],
                 "color": [],
                 "holders": [],
+                "holders_text": [],
                 "memory": [],
                 "utilization": [],
-            }
+            },
+            name="gpu-allocations-source",
         )
         self.root = figure(
             title="GPU allocations (share of each device held)",
@@ -68,6 +77,23 @@ class GPUAllocations(DashboardComponent):
             )
         )
         self.root.xaxis.axis_label = "share held"
+        # The same rows as text (the table renders keys as text, never as HTML).
+        self.table = DataTable(
+            source=self.source,
+            columns=[
+                TableColumn(field="worker", title="worker"),
+                TableColumn(field="device", title="device", width=60),
+                TableColumn(
+                    field="held", title="held", formatter=NumberFormatter(format="0.00"), width=60
+                ),
+                TableColumn(field="holders_text", title="holders (key, kind, share)"),
+                TableColumn(field="memory", title="memory"),
+                TableColumn(field="utilization", title="utilization"),
+            ],
+            index_position=None,
+            sizing_mode="stretch_width",
+            height=200,
+        )
 
     def update(self) -> None:
         """Refresh the bars from the workers' last heartbeats."""
@@ -87,6 +113,10 @@ class GPUAllocations(DashboardComponent):
                 data["held"].append(min(sum(h["amount"] for h in holders), 1.0))
                 data["kind"].append(kind)
                 data["color"].append(COLORS[kind])
+                data["holders_text"].append(
+                    "; ".join(f"{h['key']} ({h['kind']}, {h['amount']:g})" for h in holders)
+                    or "free"
+                )
                 data["holders"].append(
                     "<br>".join(
                         f"{html.escape(str(h['key']))} ({h['kind']}, {h['amount']:g})"
@@ -100,6 +130,7 @@ class GPUAllocations(DashboardComponent):
                 data["utilization"].append("" if util is None else f"utilization {util}%")
         self.root.y_range.factors = data["row"]
         self.root.height = max(150, 30 * len(data["row"]) + 60)
+        self.table.height = max(80, 28 * len(data["row"]) + 30)
         self.source.data = data
 
 
@@ -110,7 +141,7 @@ def _page(plugin: Any) -> Any:
         component = GPUAllocations(scheduler, plugin)
         component.update()
         doc.title = "Dask: GPU allocations"
-        doc.add_root(column(component.root, sizing_mode="stretch_width"))
+        doc.add_root(column(component.root, component.table, sizing_mode="stretch_width"))
         doc.add_periodic_callback(component.update, 500)
         doc.template = env.get_template("simple.html")
         doc.template_variables.update(extra)
