@@ -88,9 +88,16 @@ def test_start_status_stop_with_real_processes(state_dir):
     finally:
         gr.shutdown()
 
+    joined = cli("start", f"--address={address}", "--num-gpus=1", state_dir=state_dir)
+    assert joined.returncode == 0, joined.stderr
+    assert "GPUs in the cluster: 3" in joined.stdout
+    table = json.loads(cli("status", "--json", state_dir=state_dir).stdout)
+    assert table["totals"]["workers"] == 2 and table["totals"]["gpus"] == 3
+    pids = [r["pid"] for r in json.loads((state_dir / "processes.json").read_text())]
+
     stopped = cli("stop", state_dir=state_dir)
     assert stopped.returncode == 0
-    assert stopped.stdout.count("Stopped") == 2
+    assert stopped.stdout.count("Stopped") == 3
     deadline = time.monotonic() + 20
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
         assert time.monotonic() < deadline, "a started process outlived stop"
