@@ -25,19 +25,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _report  # benchmarks/_report.py, next to this script
 import dask
-import distributed
 import psutil
 from distributed import Client, LocalCluster
 
@@ -208,28 +204,16 @@ def main(argv: list[str] | None = None) -> int:
             value += f", overhead {c['overhead_ms_per_task']:+.3f} ms/task"
         print(f"{c['row']:<44} {value:<40} {c['target'] or '(info)'}{mark}")
     print(f"cold start of 4 isolated children (first 4 tasks): {cold:.3f} s")
-    print(
-        f"\nmode={'quick' if args.quick else 'full'} tasks={n_tasks} reps={reps} "
-        f"total={total:.1f}s python={platform.python_version()} "
-        f"distributed={distributed.__version__} cpus={os.cpu_count()}"
+    print(_report.footer(args.quick, total, tasks=n_tasks, reps=reps))
+    _report.write(
+        args.json,
+        args.quick,
+        total,
+        n_tasks=n_tasks,
+        reps=reps,
+        measurements=rows,
+        comparisons=comparisons,
     )
-    doc = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "mode": "quick" if args.quick else "full",
-        "n_tasks": n_tasks,
-        "reps": reps,
-        "python": platform.python_version(),
-        "distributed": distributed.__version__,
-        "dask_gpuresources": gr.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "total_seconds": total,
-        "measurements": rows,
-        "comparisons": comparisons,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.json}")
     return 0
 
 

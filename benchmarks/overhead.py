@@ -29,12 +29,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import gc
-import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
@@ -42,8 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import dask
-import distributed
+import _report  # benchmarks/_report.py, next to this script
 from distributed import Client, LocalCluster, Scheduler, SpecCluster, Worker, get_worker
 
 import dask_gpuresources as gr
@@ -401,31 +396,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['row']:<16} {c['unit']:<16} {c['baseline']:>10.4g} {c['plugin']:>10.4g} "
             f"{c['ratio']:>7.3f}  {c['target'] or '(info)'}{mark}"
         )
-    print(
-        f"\nmode={'quick' if args.quick else 'full'} reps={reps}/{tiny_reps} total={total:.1f}s "
-        f"python={platform.python_version()} distributed={distributed.__version__} "
-        f"cpus={os.cpu_count()}"
+    print(_report.footer(args.quick, total, reps=f"{reps}/{tiny_reps}"))
+    _report.write(
+        args.json,
+        args.quick,
+        total,
+        reps=reps,
+        tiny_reps=tiny_reps,
+        tiny_batches_per_rep=batches,
+        measurements=rec.measurements,
+        comparisons=rec.comparisons,
     )
-
-    doc = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "mode": "quick" if args.quick else "full",
-        "reps": reps,
-        "tiny_reps": tiny_reps,
-        "tiny_batches_per_rep": batches,
-        "python": platform.python_version(),
-        "distributed": distributed.__version__,
-        "dask": dask.__version__,
-        "dask_gpuresources": gr.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "total_seconds": total,
-        "measurements": rec.measurements,
-        "comparisons": rec.comparisons,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    print(f"wrote {args.json}")
     return 0
 
 

@@ -25,17 +25,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _report  # benchmarks/_report.py, next to this script
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "ray_compare.json"
 
@@ -240,25 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     if theirs is not None:
         print(f"Ray with worker reuse: {theirs['call_ms_reuse']:.3f} ms/call")
     print(
-        f"\nmode={'quick' if args.quick else 'full'} calls={n_calls} ray_default_calls={n_default} "
-        f"actor_calls={n_actor} total={total:.1f}s python={platform.python_version()} "
-        f"cpus={os.cpu_count()}"
+        _report.footer(
+            args.quick, total, calls=n_calls, ray_default_calls=n_default, actor_calls=n_actor
+        )
     )
-    doc = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "mode": "quick" if args.quick else "full",
-        "ray": ray_note,
-        "facade_raw": ours,
-        "ray_raw": theirs,
-        "anchors": ANCHORS,
-        "rows": rows,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "total_seconds": total,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    _report.write(
+        args.json,
+        args.quick,
+        total,
+        ray=ray_note,
+        facade_raw=ours,
+        ray_raw=theirs,
+        anchors=ANCHORS,
+        rows=rows,
+    )
     return 0
 
 
