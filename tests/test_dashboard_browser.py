@@ -1,11 +1,13 @@
 """End to end: the GPU page in a real headless Chromium shows a live actor on its device.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) and selenium;
-skipped with the reason where they are missing. Saves ``docs/gpu-allocations.png``.
+skipped with the reason where they are missing. Takes a screenshot of the page; with
+``UPDATE_SCREENSHOT=1`` it replaces ``docs/gpu-allocations.png`` (the README's picture).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ return Array.from(d.row).map((row, i) =>
 """
 
 
-def test_page_shows_a_live_actor_on_its_device():
+def test_page_shows_a_live_actor_on_its_device(tmp_path):
     class Trainer:  # defined here: the worker process cannot import this test module
         def __init__(self):
             self.ids = gr.get_gpu_ids()
@@ -72,8 +74,8 @@ def test_page_shows_a_live_actor_on_its_device():
         assert [r[2] for r in rows].count("free") == 1
         assert "GPU" in driver.title or "Dask" in driver.title
         time.sleep(0.5)  # let the canvas paint
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        driver.save_screenshot(str(SCREENSHOT))
+        target = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "page.png"
+        assert driver.save_screenshot(str(target))
     finally:
         driver.quit()
         gr.shutdown()
