@@ -49,6 +49,7 @@ class ActorHost:
         self.context = TaskContext(key, ids, tokens, worker.address, actor=key)
         self._next: dict[str, int] = collections.defaultdict(int)
         self._turn = asyncio.Condition()
+        self._io = asyncio.Lock()  # one call at a time in an isolated actor's child
         self._early = 0  # calls waiting for an earlier one from the same caller
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"actor-{key}")
         self._instance: Any = None
@@ -58,6 +59,8 @@ class ActorHost:
         self._executor = executor
         if isolation == "process" and executor is not None:
             self._child = executor.start_actor(self.context, cls, args, kwargs)
+            # From now on the worker's event loop talks to the child (no thread hop).
+            self._child.sock.setblocking(False)
         else:
             with _context.use(self.context):
                 self._instance = cls(*args, **kwargs)
@@ -83,23 +86,33 @@ class ActorHost:
                 self.worker,
                 actor=self.key,
             )
-            # Submitted before anything else can interleave: calls run in turn order. The
-            # copied context carries the worker, so get_worker() works in the method.
-            future = asyncio.get_running_loop().run_in_executor(
-                self._thread,
-                contextvars.copy_context().run,
-                self._run,
-                context,
-                method,
-                args,
-                kwargs,
-            )
+            if self._child is not None:
+                # Tasks run in the order they are created: the lock is taken in turn order.
+                future = asyncio.ensure_future(self._call_child(context, method, args, kwargs))
+            else:
+                # Submitted before anything else can interleave: calls run in turn order. The
+                # copied context carries the worker, so get_worker() works in the method.
+                future = asyncio.get_running_loop().run_in_executor(
+                    self._thread,
+                    contextvars.copy_context().run,
+                    self._run,
+                    context,
+                    method,
+                    args,
+                    kwargs,
+                )
         finally:
             self._next[caller] = max(self._next[caller], seq + 1)
             if self._early:
                 async with self._turn:
                     self._turn.notify_all()
         return await future
+
+    async def _call_child(
+        self, context: TaskContext, method: str, args: tuple, kwargs: dict
+    ) -> Any:
+        async with self._io:
+            return await self._executor.acall_actor(self._child, context, method, args, kwargs)
 
     def _run(self, context: TaskContext, method: str, args: tuple, kwargs: dict) -> Any:
         if self._child is not None:

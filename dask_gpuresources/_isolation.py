@@ -151,6 +151,38 @@ def _recv(sock: socket.socket) -> list[bytearray]:
     ]
 
 
+async def _asend(sock: socket.socket, frames: Sequence[Any]) -> None:
+    loop = asyncio.get_running_loop()
+    sizes = [memoryview(f).nbytes for f in frames]
+    await loop.sock_sendall(
+        sock, _COUNT.pack(len(frames)) + b"".join(_LENGTH.pack(n) for n in sizes)
+    )
+    for frame in frames:
+        await loop.sock_sendall(sock, frame)
+
+
+async def _arecv_exact(sock: socket.socket, n: int) -> bytearray:
+    loop = asyncio.get_running_loop()
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = await loop.sock_recv_into(sock, view[got:])
+        if not k:
+            raise EOFError("the other end closed the connection")
+        got += k
+    return buf
+
+
+async def _arecv(sock: socket.socket) -> list[bytearray]:
+    (count,) = _COUNT.unpack(await _arecv_exact(sock, _COUNT.size))
+    sizes = await _arecv_exact(sock, _LENGTH.size * count)
+    return [
+        await _arecv_exact(sock, _LENGTH.unpack_from(sizes, i * _LENGTH.size)[0])
+        for i in range(count)
+    ]
+
+
 # -- the child ---------------------------------------------------------------------------------
 
 
@@ -501,6 +533,27 @@ class IsolatedExecutor(Executor):
                 f"{','.join(child.tokens)!r}) ended with exit code {code}"
             )
             raise ActorDiedError(context.actor, self._worker_address(), reason) from err
+
+    async def acall_actor(
+        self, child: _Child, context: TaskContext, name: str, args: tuple, kwargs: dict
+    ) -> Any:
+        """:meth:`call_actor` on the event loop (the child's socket set non-blocking)."""
+        frames = _dumps(("actor-call", context, name, args, kwargs))
+        try:
+            await _asend(child.sock, frames)
+            op, value = _loads(await _arecv(child.sock))
+        except (EOFError, OSError) as err:
+            child.kill()
+            from .exceptions import ActorDiedError
+
+            reason = child.abort_reason or (
+                f"its isolated child process (pid {child.pid}, CUDA_VISIBLE_DEVICES="
+                f"{','.join(child.tokens)!r}) ended with exit code {child.proc.poll()}"
+            )
+            raise ActorDiedError(context.actor, self._worker_address(), reason) from err
+        if op == "error":
+            raise value
+        return value
 
     def end_actor(self, key: Hashable, reason: str = "it was killed") -> None:
         """End the child of actor ``key`` (killed, released, or its worker closing)."""
