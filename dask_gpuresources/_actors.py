@@ -67,8 +67,12 @@ class ActorHost:
         if plugin is not None:
             plugin.on_actor_release(key, self.close)
 
-    async def call(self, caller: str, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
-        """Run ``method``: the ``seq``-th call from ``caller`` runs after its ``seq - 1``."""
+    async def call(self, message: tuple) -> Any:
+        """Run ``(caller, seq, method, args, kwargs)``: a caller's calls run in ``seq`` order.
+
+        One argument, so that Dask serializes one object per call, not five.
+        """
+        caller, seq, method, args, kwargs = message
         if self._next[caller] < seq:  # arrived before an earlier call: wait for its turn
             self._early += 1
             try:

@@ -967,7 +967,7 @@ class ActorHandle:
 
     def _send(self, proxy: Any, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
         try:
-            return proxy.call(self._caller, seq, method, args, kwargs)
+            return proxy.call((self._caller, seq, method, args, kwargs))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
             return _Failed(ActorDiedError(self._key, proxy._address, str(exc)))
 
