@@ -754,6 +754,7 @@ class _Batcher:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.pending: list[tuple] = []
+        self.functions: dict[Callable, Future] = {}
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.closed = False
@@ -794,12 +795,26 @@ class _Batcher:
                 self._send(batch[start:i])
                 start = i
 
+    def _shipped(self, function: Callable) -> Any:
+        """The function as data in the cluster: shipped once, not pickled into every task.
+
+        A function defined in a script is pickled by value; inside each task that would be
+        paid for every call, by the scheduler and by the worker. As a scattered value, each
+        worker receives it once and keeps it in memory.
+        """
+        future = self.functions.get(function)
+        if future is None or future.status in ("lost", "error", "cancelled"):
+            (future,) = self.client.scatter([function], hash=False, broadcast=True)
+            self.functions[function] = future
+        return future
+
     def _send(self, run: list[tuple]) -> None:
         function, opts = run[0][0], run[0][4]
+        shipped = self._shipped(function)
         with dask.annotate(**opts.annotations()):
             self.client.map(
                 _context.invoke,
-                [function] * len(run),
+                [shipped] * len(run),
                 [c[1] for c in run],
                 [c[2] for c in run],
                 key=[c[3] for c in run],
