@@ -417,13 +417,13 @@ class GPUWorkerPlugin(WorkerPlugin):
         ``isolation="process"`` is isolated even without a GPU (it then sees none).
         """
         annotations = ts.annotations or {}
-        if "executor" in annotations or self.executor is None or ts.key in self.worker.state.actors:
-            return
         mode = annotations.get("isolation")
-        if mode is None:
+        if mode is None:  # most tasks: decided by the worker's mode (thread by default)
             if self._isolation != "process" or not gpu_amount(ts.resource_restrictions):
                 return
         elif mode != "process":
+            return
+        if "executor" in annotations or self.executor is None or ts.key in self.worker.state.actors:
             return
         if ts.run_spec is None or getattr(ts.run_spec, "is_coro", False):
             return
