@@ -102,13 +102,17 @@ def get_gpu_ids() -> list[int]:
     >>> client.submit(train, 1, resources={"GPU": 1}).result()  # doctest: +SKIP
     [2]
     """
-    context = current()
+    context = _current.get(None) or _process
     if context is not None:
         return list(context.gpu_ids)
-    from .worker import lease_of_running_task
-
-    plugin, key = lease_of_running_task()
+    global _lookup
+    if _lookup is None:  # imported on first use: the worker module loads distributed
+        from .worker import lease_of_running_task as _lookup
+    plugin, key = _lookup()
     return plugin.ids_for(key)
+
+
+_lookup: Any = None
 
 
 def invoke(function: Any, args: tuple, kwargs: dict) -> Any:

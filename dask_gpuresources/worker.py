@@ -84,8 +84,10 @@ class GPUAdmission(WorkerState):
     __slots__ = ()
 
     def _gpu_plugin(self) -> GPUWorkerPlugin | None:
+        # Called a few times per task: one dict lookup, one attribute (only the
+        # GPUWorkerPlugin is registered under PLUGIN_NAME).
         plugin = self.plugins.get(PLUGIN_NAME)
-        if isinstance(plugin, GPUWorkerPlugin) and plugin.ledger is not None:
+        if plugin is not None and plugin.ledger is not None:
             return plugin
         return None
 
