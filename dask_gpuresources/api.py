@@ -80,7 +80,6 @@ class _Runtime:
     largest_gpus: float = 0.0
     dashboard: bool = True
     batcher: _Batcher | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _runtime: _Runtime | None = None
@@ -863,7 +862,7 @@ class RemoteFunction:
 
     def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
         """Submit one call; returns its :class:`ObjectRef` at once."""
-        _client()  # initialised?
+        _client()  # raises when init() was not called
         opts = self._opts
         key = _key(opts.name or self._function.__name__)
         _check_feasible(key, opts.num_gpus)

@@ -328,20 +328,18 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             self._rebalance_soon = True
             self.scheduler.loop.add_callback(self.rebalance)
 
-    def _backlog(self, ws: Any, extra: int) -> float:
-        """Devices' worth of GPU work ahead of a new request of ``extra`` units, per device."""
-        capacity = ws.resources.get(GPU, 0)
-        if not capacity:
-            return math.inf
-        ahead = self._load.get(ws.address, 0) + extra - capacity * _UNITS
-        return max(ahead, 0) / (capacity * _UNITS)
-
     def _worker_objective(self, ts: Any, ws: Any) -> tuple:
+        # Called for every candidate worker of every placement: _backlog, inlined.
         objective = type(self.scheduler).worker_objective(self.scheduler, ts, ws)
-        units = _units(ts.resource_restrictions)
-        if not units:
+        restrictions = ts.resource_restrictions
+        value = restrictions.get(GPU) if restrictions else None
+        if not value:
             return objective
-        return (self._backlog(ws, units), *objective)
+        capacity = ws.resources.get(GPU, 0) * _UNITS
+        if not capacity:
+            return (math.inf, *objective)
+        ahead = self._load.get(ws.address, 0) + round(value * _UNITS) - capacity
+        return (ahead / capacity if ahead > 0 else 0.0, *objective)
 
     def rebalance(self) -> None:
         """Move GPU tasks queued behind busy devices to workers whose devices are idle.
