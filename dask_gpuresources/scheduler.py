@@ -329,7 +329,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             self.scheduler.loop.add_callback(self.rebalance)
 
     def _worker_objective(self, ts: Any, ws: Any) -> tuple:
-        # Called for every candidate worker of every placement: _backlog, inlined.
+        # Called for every candidate worker of every placement, so kept to a few lookups:
+        # (devices' worth of GPU work queued ahead of this task per device, Dask's objective).
         objective = type(self.scheduler).worker_objective(self.scheduler, ts, ws)
         restrictions = ts.resource_restrictions
         value = restrictions.get(GPU) if restrictions else None
