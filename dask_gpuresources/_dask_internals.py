@@ -113,8 +113,8 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "distributed.scheduler",
-        "Scheduler.worker_objective",
-        "placement: GPU tasks go where devices are free, not only where capacity is declared",
+        "Scheduler.valid_workers",
+        "placement: GPU tasks are offered the workers whose devices are free (least backlog)",
     ),
     (
         "distributed.scheduler",
