@@ -302,3 +302,19 @@ def test_a_dead_workers_actor_raises_and_its_devices_come_back(cluster):
     while ray.available_resources()["GPU"] != remaining:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_dropping_the_last_handle_frees_the_actors_gpu(one_gpu):
+    import gc
+
+    actor = Holder.remote()
+    assert ray.get(actor.where.remote(), timeout=20)[1] == (0,)
+    assert ray.available_resources()["GPU"] == 0
+    del actor
+    gc.collect()
+    # the device comes back without kill(): a task can have it
+    assert ray.get(task_interval.remote(0), timeout=20)[1] == (0,)
+    deadline = time.monotonic() + 10
+    while ray.available_resources()["GPU"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
