@@ -119,8 +119,6 @@ class ActorHost:
             return await self._executor.acall_actor(self._child, context, method, args, kwargs)
 
     def _run(self, context: TaskContext, method: str, args: tuple, kwargs: dict) -> Any:
-        if self._child is not None:
-            return self._executor.call_actor(self._child, context, method, args, kwargs)
         with _context.use(context):
             result = getattr(self._instance, method)(*args, **kwargs)
         if asyncio.iscoroutine(result):

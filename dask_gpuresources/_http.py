@@ -63,11 +63,7 @@ class _Collector:
         for plugin in list(_plugins):
             if plugin.scheduler is None:
                 continue
-            snapshots = {
-                addr: ws.metrics.get("gpuresources")
-                for addr, ws in plugin.scheduler.workers.items()
-            }
-            table = plugin.table({a: s for a, s in snapshots.items() if isinstance(s, dict)})
+            table = plugin.table()  # from the workers' last heartbeats
             for addr, worker in table.items():
                 families["dask_gpuresources_worker_gpus"].add_metric([addr], worker["gpus"])
                 for device, info in worker["devices"].items():

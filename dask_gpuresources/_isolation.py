@@ -340,9 +340,6 @@ class _Child:
         except subprocess.TimeoutExpired:
             return None
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def kill(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -368,7 +365,6 @@ class _ChildCall:
         self.executor = executor
         self.run = run
         self.run_spec = run_spec
-        self.key = run.key
 
     def __call__(self, data: dict) -> Any:
         return self.executor._call(self.run, self.run_spec, data)
@@ -477,19 +473,15 @@ class IsolatedExecutor(Executor):
     def children(self) -> list[dict]:
         """One row per live child: pid, devices, state, tasks run."""
         with self._lock:
-            rows = [
-                {"pid": c.pid, "devices": list(c.tokens), "state": "idle", "calls": c.calls}
-                for cs in self._idle.values()
-                for c in cs
+            groups = [
+                *(("idle", c) for cs in self._idle.values() for c in cs),
+                *(("running", c) for c in self._running.values()),
+                *(("actor", c) for c in self._actors.values()),
             ]
-            rows += [
-                {"pid": c.pid, "devices": list(c.tokens), "state": "running", "calls": c.calls}
-                for c in self._running.values()
-            ]
-            rows += [
-                {"pid": c.pid, "devices": list(c.tokens), "state": "actor", "calls": c.calls}
-                for c in self._actors.values()
-            ]
+        rows = [
+            {"pid": c.pid, "devices": list(c.tokens), "state": state, "calls": c.calls}
+            for state, c in groups
+        ]
         return rows
 
     # -- actors: one dedicated child each, for the actor's whole life ---------------------
@@ -516,28 +508,13 @@ class IsolatedExecutor(Executor):
             raise
         return child
 
-    def call_actor(
-        self, child: _Child, context: TaskContext, name: str, args: tuple, kwargs: dict
-    ) -> Any:
-        """Run method ``name`` of the actor hosted by ``child``; one call at a time."""
-        frames = _dumps(("actor-call", context, name, args, kwargs))
-        try:
-            return child.call(frames)
-        except (EOFError, OSError) as err:
-            child.kill()
-            code = child.exitcode()
-            from .exceptions import ActorDiedError
-
-            reason = child.abort_reason or (
-                f"its isolated child process (pid {child.pid}, CUDA_VISIBLE_DEVICES="
-                f"{','.join(child.tokens)!r}) ended with exit code {code}"
-            )
-            raise ActorDiedError(context.actor, self._worker_address(), reason) from err
-
     async def acall_actor(
         self, child: _Child, context: TaskContext, name: str, args: tuple, kwargs: dict
     ) -> Any:
-        """:meth:`call_actor` on the event loop (the child's socket set non-blocking)."""
+        """Run method ``name`` of the actor hosted by ``child``, from the worker's event loop.
+
+        The child's socket is non-blocking; the caller runs one call at a time per actor.
+        """
         frames = _dumps(("actor-call", context, name, args, kwargs))
         try:
             await _asend(child.sock, frames)

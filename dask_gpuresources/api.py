@@ -572,11 +572,11 @@ def kill(actor: ActorHandle) -> None:
 # -- resources -----------------------------------------------------------------------------
 
 
-def _usage() -> dict[str, dict]:
+def _table() -> dict[str, dict]:
     from .scheduler import HANDLER
 
     client = _client()
-    return client.sync(getattr(client.scheduler, f"{HANDLER}_usage"))
+    return client.sync(getattr(client.scheduler, f"{HANDLER}_table"), refresh=True)
 
 
 def cluster_resources() -> dict[str, float]:
@@ -596,9 +596,9 @@ def available_resources() -> dict[str, float]:
     totals = cluster_resources()
     held_gpu = 0.0
     busy = 0
-    for worker in _usage().values():
+    for worker in _table().values():
         busy += worker["executing"]
-        held_gpu += sum(sum(h.values()) for h in worker["holders"].values())
+        held_gpu += sum(h["amount"] for d in worker["devices"].values() for h in d["holders"])
     free = dict(totals)
     free["GPU"] = max(totals.get("GPU", 0.0) - held_gpu, 0.0)
     free["CPU"] = max(totals["CPU"] - busy, 0.0)

@@ -132,9 +132,7 @@ def _connect(address: str, timeout: float = 5) -> Any:
         raise click.UsageError(f"cannot reach a scheduler at {address}: {err}") from None
 
 
-def _worker_processes(
-    address: str, gpus: int | None, nworkers: int, log_dir: Path, extra: list[str]
-) -> list[dict]:
+def _worker_processes(address: str, gpus: int | None, nworkers: int, log_dir: Path) -> list[dict]:
     from ._devices import device_tokens, visible_devices
 
     records = []
@@ -154,7 +152,7 @@ def _worker_processes(
             if nworkers > 1 and per:
                 env = {"CUDA_VISIBLE_DEVICES": ",".join(tokens[i * per : (i + 1) * per])}
         log = log_dir / f"worker-{int(time.time())}-{i}.log"
-        records.append(_spawn(args + extra, env, log, "worker", address))
+        records.append(_spawn(args, env, log, "worker", address))
     return records
 
 
@@ -226,7 +224,7 @@ def start(
         existing = len(client.scheduler_info(n_workers=-1)["workers"])
         client.close()
         dashboard = None
-    new = _worker_processes(address, gpus, nworkers, log_dir, [])
+    new = _worker_processes(address, gpus, nworkers, log_dir)
     records += new
     _save(records)
 

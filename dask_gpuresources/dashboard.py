@@ -97,10 +97,7 @@ class GPUAllocations(DashboardComponent):
 
     def update(self) -> None:
         """Refresh the bars from the workers' last heartbeats."""
-        snapshots = {
-            addr: ws.metrics.get("gpuresources") for addr, ws in self.scheduler.workers.items()
-        }
-        table = self.plugin.table({a: s for a, s in snapshots.items() if isinstance(s, dict)})
+        table = self.plugin.table()  # from the workers' last heartbeats
         data: dict[str, list] = {name: [] for name in self.source.data}
         for addr, worker in sorted(table.items()):
             for device, info in sorted(worker["devices"].items(), key=lambda kv: int(kv[0])):

@@ -116,7 +116,6 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         """Install handlers and placement, then equip every worker."""
         self.scheduler = scheduler
         scheduler.handlers[HANDLER] = self.allocations_handler
-        scheduler.handlers[f"{HANDLER}_usage"] = self.usage_handler
         scheduler.handlers[f"{HANDLER}_table"] = self.table_handler
         from ._http import install_routes
 
@@ -428,31 +427,35 @@ class GPUSchedulerPlugin(SchedulerPlugin):
 
     # -- the allocation table ----------------------------------------------------------------
 
-    async def _snapshots(self, refresh: bool) -> dict[str, dict]:
-        scheduler = self.scheduler
-        fresh: dict[str, Any] = {}
-        if refresh:
-            addrs = list(scheduler.workers)
-            if addrs:
-                fresh = await scheduler.broadcast(
-                    msg={"op": PLUGIN_NAME}, workers=addrs, on_error="return"
-                )
+    def _heartbeat_snapshots(self) -> dict[str, dict]:
+        """Each worker's snapshot as its last heartbeat carried it."""
         out = {}
-        for addr, ws in scheduler.workers.items():
-            snap = fresh.get(addr)
-            if not isinstance(snap, dict):
-                snap = ws.metrics.get(PLUGIN_NAME)
+        for addr, ws in self.scheduler.workers.items():
+            snap = ws.metrics.get(PLUGIN_NAME)
             if isinstance(snap, dict):
                 out[addr] = snap
         return out
 
-    def table(self, snapshots: dict[str, dict]) -> dict:
+    async def _snapshots(self, refresh: bool) -> dict[str, dict]:
+        """Worker snapshots: asked now with ``refresh`` (heartbeat ones where a worker
+        does not answer), else from the heartbeats."""
+        out = self._heartbeat_snapshots()
+        if refresh and self.scheduler.workers:
+            fresh = await self.scheduler.broadcast(
+                msg={"op": PLUGIN_NAME}, workers=list(self.scheduler.workers), on_error="return"
+            )
+            out.update((a, snap) for a, snap in fresh.items() if isinstance(snap, dict))
+        return out
+
+    def table(self, snapshots: dict[str, dict] | None = None) -> dict:
         """The allocation table as plain data (JSON route, ``status``, metrics).
 
         ``{worker: {"gpus": n, "executing": n, "devices": {id: {"token": str,
         "holders": [{"key", "kind": "task"|"actor", "amount"}], "memory_used": bytes|None,
         "utilization": percent|None}}}}``
         """
+        if snapshots is None:
+            snapshots = self._heartbeat_snapshots()
         out = {}
         for addr, ws in self.scheduler.workers.items():
             snap = snapshots.get(addr) or {}
@@ -484,37 +487,14 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         """:meth:`table`, with the workers asked now (``refresh``) or from heartbeats."""
         return self.table(await self._snapshots(refresh))
 
-    async def usage_handler(self) -> dict:
-        """``{worker: {"executing": n, "actors": [...], "holders": {device: {key: share}}}}``."""
-        return {
-            addr: {
-                "executing": snap.get("executing", 0),
-                "actors": list(snap.get("actors", ())),
-                "holders": {int(d["id"]): dict(d["holders"]) for d in snap.get("devices", ())},
-            }
-            for addr, snap in (await self._snapshots(refresh=True)).items()
-        }
-
     async def allocations_handler(self, refresh: bool = True) -> dict:
         """``{worker: {device id: {holder key: share}}}`` for every worker with devices.
 
         With ``refresh`` the workers are asked now; otherwise the table is the one their
         last heartbeats carried.
         """
-        scheduler = self.scheduler
-        snapshots: dict[str, Any] = {}
-        if refresh:
-            addrs = [a for a, ws in scheduler.workers.items() if ws.resources.get(GPU)]
-            if addrs:
-                snapshots = await scheduler.broadcast(
-                    msg={"op": PLUGIN_NAME}, workers=addrs, on_error="return"
-                )
-        table: dict[str, dict[int, dict[str, float]]] = {}
-        for addr, ws in scheduler.workers.items():
-            snap = snapshots.get(addr)
-            if not isinstance(snap, dict):
-                snap = ws.metrics.get(PLUGIN_NAME)
-            if not snap or not snap.get("devices"):
-                continue
-            table[addr] = {int(device["id"]): dict(device["holders"]) for device in snap["devices"]}
-        return table
+        return {
+            addr: {int(d["id"]): dict(d["holders"]) for d in snap["devices"]}
+            for addr, snap in (await self._snapshots(refresh)).items()
+            if addr in self.scheduler.workers and snap.get("devices")
+        }

@@ -34,7 +34,14 @@ def run(name: str) -> str:
 
 def test_plain_dask():
     out = run("plain_dask.py")
-    assert "GPU" in out
+    steps = re.findall(r"step (\d): this task owns GPU \[(\d)\]", out)
+    assert sorted(int(step) for step, _ in steps) == list(range(8))
+    assert {gpu for _, gpu in steps} <= {"0", "1", "2", "3"}
+    packed = re.search(r"four GPU=0.25 tasks packed on one device: \[\((\d),\)\]", out)
+    assert packed is not None, out
+    two = re.search(r"two devices for one task: \[(\d), (\d)\]", out)
+    assert two is not None and two.group(1) != two.group(2)
+    assert "asking for 5 GPUs fails at once:" in out and "requests GPU=5" in out
 
 
 def test_seed_gpu_function():
