@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import _report  # benchmarks/_report.py, next to this script
+import distributed.core
 from distributed import Client, LocalCluster, Scheduler, SpecCluster, Worker, get_worker
 
 import dask_gpuresources as gr
@@ -51,7 +52,9 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "overhead.json"
 
 
 def tiny(i):
-    return i
+    # the same shape of result as tiny_gpu (a one-element list): Dask measures and ships
+    # every result, and a list costs more than an int
+    return [i]
 
 
 def tiny_gpu(i):
@@ -129,6 +132,14 @@ class Session:
     def __exit__(self, *exc: Any) -> None:
         self.client.close()
         self.cluster.close()
+        # distributed caches _expects_comm(handler) without a size limit, keyed by bound
+        # methods, so every closed scheduler and worker (with its logs) stays reachable and
+        # each later garbage collection walks them: later repetitions would get slower. Clear
+        # it, for baseline and plugin alike.
+        _expects_comm = getattr(distributed.core, "_expects_comm", None)
+        if hasattr(_expects_comm, "cache_clear"):
+            _expects_comm.cache_clear()
+        gc.collect()
 
 
 # -- measurements ------------------------------------------------------------------------------

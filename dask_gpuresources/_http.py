@@ -18,7 +18,7 @@ from typing import Any
 
 from distributed.http.utils import RequestHandler
 
-__all__ = ["METRICS", "ROUTE", "install_routes"]
+__all__ = ["METRICS", "ROUTE", "bokeh_pages", "install_routes"]
 
 logger = logging.getLogger("distributed.gpuresources")
 
@@ -35,6 +35,16 @@ METRICS = {
 
 _plugins: weakref.WeakSet = weakref.WeakSet()
 _collector_registered = False
+
+
+def bokeh_pages(scheduler: Any) -> Any:
+    """Dask's Bokeh dashboard application on the scheduler's HTTP server, or None.
+
+    Dask mounts its Bokeh pages as one more application of that server; without a dashboard
+    there is none, and nothing here imports Bokeh.
+    """
+    apps = getattr(getattr(scheduler, "http_application", None), "applications", ())
+    return next((a for a in apps if "BokehTornado" in type(a).__name__), None)
 
 
 class AllocationsHandler(RequestHandler):

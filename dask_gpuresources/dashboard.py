@@ -26,6 +26,8 @@ from bokeh.models import (
 from bokeh.plotting import figure
 from distributed.dashboard.components import DashboardComponent
 
+from ._http import bokeh_pages
+
 __all__ = ["GPUAllocations", "ROUTE", "install_page"]
 
 logger = logging.getLogger("distributed.gpuresources")
@@ -147,15 +149,9 @@ def _page(plugin: Any) -> Any:
     return gpu_allocations_doc
 
 
-def _dask_pages(scheduler: Any) -> Any:
-    # Dask mounts its Bokeh pages as one more application of the scheduler's HTTP server.
-    apps = getattr(getattr(scheduler, "http_application", None), "applications", ())
-    return next((a for a in apps if "BokehTornado" in type(a).__name__), None)
-
-
 def install_page(scheduler: Any, plugin: Any) -> bool:
     """Serve :data:`ROUTE` on the scheduler's dashboard and link it in the navigation bar."""
-    dask_pages = _dask_pages(scheduler)
+    dask_pages = bokeh_pages(scheduler)
     if dask_pages is None:
         return False
     from distributed.dashboard.core import BokehApplication

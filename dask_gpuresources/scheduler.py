@@ -117,15 +117,16 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers[HANDLER] = self.allocations_handler
         scheduler.handlers[f"{HANDLER}_table"] = self.table_handler
-        from ._http import install_routes
+        from ._http import bokeh_pages, install_routes
 
         install_routes(scheduler, self)
-        try:
-            from .dashboard import install_page
-        except ImportError:  # no bokeh: no dashboard page (Dask has no dashboard either)
-            pass
-        else:
+        # Only a scheduler that serves Dask's dashboard gets the page (and imports Bokeh):
+        # Bokeh's modules would double the scheduler's heap, and every full garbage
+        # collection would walk them.
+        if bokeh_pages(scheduler) is not None:
             try:
+                from .dashboard import install_page
+
                 install_page(scheduler, self)
             except Exception:
                 logger.exception("Could not add the GPU allocations page to the dashboard")

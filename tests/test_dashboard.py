@@ -53,3 +53,30 @@ async def test_component_shows_holders_escaped(c, s, a):
     await ev.set()
     await evil
     del actor
+
+
+def test_no_dashboard_no_bokeh():
+    """A scheduler without Dask's dashboard gets no page and never imports Bokeh.
+
+    Bokeh's modules would double a small scheduler's heap, which every full garbage
+    collection walks: that was a measurable share of the plugin's per-task cost.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from distributed import Client, LocalCluster\n"
+        "import dask_gpuresources as gr\n"
+        "with LocalCluster(n_workers=1, processes=False, dashboard_address=None,\n"
+        "                  resources={'GPU': 1}) as cluster, Client(cluster) as client:\n"
+        "    gr.install(client)\n"
+        "    print(client.submit(gr.get_gpu_ids, resources={'GPU': 1}).result())\n"
+        "    print(sorted(m for m in sys.modules if m.split('.')[0] == 'bokeh'"
+        " or m == 'dask_gpuresources.dashboard')[:3])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[0]", "[]"], done.stdout
