@@ -75,8 +75,6 @@ def test_no_dashboard_no_bokeh():
         "    print(sorted(m for m in sys.modules if m.split('.')[0] == 'bokeh'"
         " or m == 'dask_gpuresources.dashboard')[:3])\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[0]", "[]"], done.stdout
