@@ -251,8 +251,11 @@ def _check_count(n_devices: object, call: str) -> int:
 
 
 def _as_amount(amount: object) -> Fraction:
-    # Fast path (integer arithmetic only: this runs for every GPU task) for what
+    # Fast paths (this runs for every GPU task): a plain int (a whole request, which the
+    # worker passes as an int because Fraction arithmetic is slow Python), and what
     # parse_gpu_amount returns; everything else gets its validation.
+    if type(amount) is int and amount >= 0:
+        return amount  # type: ignore[return-value]  (an int is an exact Rational)
     if type(amount) is Fraction:
         n, d = amount.numerator, amount.denominator
         if n >= 0 and (d == 1 or (n < d and n * _PRECISION >= d)):
@@ -401,7 +404,7 @@ class DeviceLedger:
             used = self._used
             if amount.denominator == 1 and amount:
                 # A whole request takes entirely free devices: plain ints keep it cheap.
-                share = _ONE
+                share = 1 if type(amount) is int else _ONE
                 for i in devices:
                     used[i] = 1
             else:

@@ -109,9 +109,17 @@ def check_annotations(annotations: dict | None) -> None:
 
 
 # -- wire format -----------------------------------------------------------------------------
+#
+# A message is a list of frames (a pickle and its out-of-band buffers), sent as
+#   prefix: frame count (I) and total frame bytes (Q)
+#   table:  each frame's length (Q)
+#   frames
+# so that a reader needs two reads (prefix, then the rest) whatever the number of frames,
+# and a small message goes out in one write: every isolated call crosses this twice.
 
-_COUNT = struct.Struct("!I")
+_PREFIX = struct.Struct("!IQ")
 _LENGTH = struct.Struct("!Q")
+_ONE_WRITE = 1 << 16  # messages up to this size are joined into a single write
 
 
 def _dumps(obj: Any) -> list[Any]:
@@ -120,15 +128,35 @@ def _dumps(obj: Any) -> list[Any]:
     return [head, *(b.raw() for b in buffers)]
 
 
-def _loads(frames: list[bytearray]) -> Any:
+def _loads(frames: list[Any]) -> Any:
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
-def _send(sock: socket.socket, frames: Sequence[Any]) -> None:
+def _chunks(frames: Sequence[Any]) -> list[Any]:
+    """What to write for ``frames``: one chunk for a small message, else header + frames."""
     sizes = [memoryview(f).nbytes for f in frames]
-    sock.sendall(_COUNT.pack(len(frames)) + b"".join(_LENGTH.pack(n) for n in sizes))
-    for frame in frames:
-        sock.sendall(frame)
+    total = sum(sizes)
+    header = _PREFIX.pack(len(frames), total) + b"".join(_LENGTH.pack(n) for n in sizes)
+    if total <= _ONE_WRITE:
+        return [header + b"".join(frames)]
+    return [header, *frames]
+
+
+def _split(count: int, body: bytearray) -> list[memoryview]:
+    """The frames of a message from its table and frames (views, no copies)."""
+    view = memoryview(body)
+    offset = _LENGTH.size * count
+    frames = []
+    for i in range(count):
+        (n,) = _LENGTH.unpack_from(body, i * _LENGTH.size)
+        frames.append(view[offset : offset + n])
+        offset += n
+    return frames
+
+
+def _send(sock: socket.socket, frames: Sequence[Any]) -> None:
+    for chunk in _chunks(frames):
+        sock.sendall(chunk)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -143,22 +171,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _recv(sock: socket.socket) -> list[bytearray]:
-    (count,) = _COUNT.unpack(_recv_exact(sock, _COUNT.size))
-    sizes = _recv_exact(sock, _LENGTH.size * count)
-    return [
-        _recv_exact(sock, _LENGTH.unpack_from(sizes, i * _LENGTH.size)[0]) for i in range(count)
-    ]
+def _recv(sock: socket.socket) -> list[memoryview]:
+    count, total = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
+    return _split(count, _recv_exact(sock, _LENGTH.size * count + total))
 
 
 async def _asend(sock: socket.socket, frames: Sequence[Any]) -> None:
     loop = asyncio.get_running_loop()
-    sizes = [memoryview(f).nbytes for f in frames]
-    await loop.sock_sendall(
-        sock, _COUNT.pack(len(frames)) + b"".join(_LENGTH.pack(n) for n in sizes)
-    )
-    for frame in frames:
-        await loop.sock_sendall(sock, frame)
+    for chunk in _chunks(frames):
+        await loop.sock_sendall(sock, chunk)
 
 
 async def _arecv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -174,13 +195,9 @@ async def _arecv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-async def _arecv(sock: socket.socket) -> list[bytearray]:
-    (count,) = _COUNT.unpack(await _arecv_exact(sock, _COUNT.size))
-    sizes = await _arecv_exact(sock, _LENGTH.size * count)
-    return [
-        await _arecv_exact(sock, _LENGTH.unpack_from(sizes, i * _LENGTH.size)[0])
-        for i in range(count)
-    ]
+async def _arecv(sock: socket.socket) -> list[memoryview]:
+    count, total = _PREFIX.unpack(await _arecv_exact(sock, _PREFIX.size))
+    return _split(count, await _arecv_exact(sock, _LENGTH.size * count + total))
 
 
 # -- the child ---------------------------------------------------------------------------------

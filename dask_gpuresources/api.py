@@ -39,6 +39,7 @@ import psutil
 from distributed import Client, Future, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
 from distributed.deploy.subprocess import SubprocessWorker
+from distributed.worker import thread_state
 
 from . import _context
 from ._allocator import parse_gpu_amount
@@ -933,6 +934,7 @@ class ActorHandle:
         self._lock = threading.Lock()
         self._deferred = 0  # calls waiting for the actor to be constructed
         self._dispatcher: ThreadPoolExecutor | None = None
+        self._proxy_call: Any = None  # the proxy's ``call``, fetched once (see _send)
 
     def __reduce__(self):
         return _rebuild_handle, (self._future, self._cls, self._key, self._proxy)
@@ -981,7 +983,15 @@ class ActorHandle:
 
     def _send(self, proxy: Any, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
         try:
-            return proxy.call((self._caller, seq, method, args, kwargs))
+            call = self._proxy_call
+            if call is None:
+                call = proxy.call
+                # Dask's proxy builds a fresh wrapper on every attribute access (tens of
+                # microseconds of a call's latency); one serves every call. Not inside an
+                # actor, where the proxy answers differently (a direct local call).
+                if not getattr(thread_state, "actor", False):
+                    self._proxy_call = call
+            return call((self._caller, seq, method, args, kwargs))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
             return _Failed(ActorDiedError(self._key, proxy._address, str(exc)))
 

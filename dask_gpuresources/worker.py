@@ -52,17 +52,20 @@ PLUGIN_NAME = "gpuresources"
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_amount(value: Any) -> Fraction | None:
+def _cached_amount(value: Any) -> Fraction | int | None:
     try:
-        return parse_gpu_amount(value)
+        amount = parse_gpu_amount(value)
     except InvalidRequestError:
         # The scheduler plugin rejects these at submission; a worker without it leaves the
         # task to Dask's own accounting rather than failing it here.
         return None
+    # A whole number of devices as a plain int: the ledger's whole-device path then does
+    # integer arithmetic only (Fraction's operators are Python code, run for every task).
+    return amount.numerator if amount.denominator == 1 else amount
 
 
-def gpu_amount(restrictions: dict | None) -> Fraction | None:
-    """The GPU amount a task requests as an exact fraction, or None if it requests none."""
+def gpu_amount(restrictions: dict | None) -> Fraction | int | None:
+    """The GPU amount a task requests, exact (an int when whole), or None if it asks none."""
     if not restrictions:
         return None
     value = restrictions.get(GPU)

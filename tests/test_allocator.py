@@ -311,6 +311,23 @@ def test_many_cycles_leave_devices_exactly_free():
     assert len(ledger) == 0
 
 
+def test_int_and_fraction_requests_mix():
+    # The worker passes whole requests as plain ints (its fast path); they share the books
+    # with Fraction requests exactly.
+    ledger = DeviceLedger(3)
+    assert ledger.acquire("a", 1) == Lease("a", (0,), 1)
+    assert ledger.acquire("b", QUARTER).devices == (1,)
+    assert ledger.try_acquire("c", 2) is None  # device 1 is partly used
+    assert ledger.acquire("d", F(1)).devices == (2,)
+    assert ledger.free() == (0, F(3, 4), 0)
+    ledger.release("a")
+    assert ledger.acquire("e", 1).devices == (0,)
+    for holder in ("b", "d", "e"):
+        ledger.release(holder)
+    assert ledger.free() == (F(1), F(1), F(1))
+    check_invariants(ledger)
+
+
 def test_zero_amount_lease():
     ledger = DeviceLedger(0)
     assert ledger.can_place(F(0))
@@ -455,7 +472,8 @@ def test_repr():
 
 def test_threads_never_over_commit():
     ledger = DeviceLedger(4)
-    amounts = [F(0), F(1, 10), QUARTER, F(1, 3), HALF, F(3, 4), F(1), F(2)]
+    # whole requests also as plain ints: the worker passes them that way
+    amounts = [F(0), F(1, 10), QUARTER, F(1, 3), HALF, F(3, 4), F(1), F(2), 1, 2]
     n_threads, n_ops = 8, 2000
     errors: list[BaseException] = []
     barrier = threading.Barrier(n_threads + 1)
