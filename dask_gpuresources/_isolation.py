@@ -123,8 +123,17 @@ _ONE_WRITE = 1 << 16  # messages up to this size are joined into a single write
 
 
 def _dumps(obj: Any) -> list[Any]:
+    # The standard pickler first, as Dask's own protocol does: it is several times faster
+    # than cloudpickle on the small messages of every call. cloudpickle takes over for what
+    # only it can pickle, and for anything of __main__, which the other side cannot import.
     buffers: list[pickle.PickleBuffer] = []
-    head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    try:
+        head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    except Exception:
+        head = None
+    if head is None or b"__main__" in head:
+        buffers = []
+        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     return [head, *(b.raw() for b in buffers)]
 
 

@@ -359,3 +359,37 @@ async def test_worker_close_ends_children(c, s, a):
     assert not alive(pid)
     del running
     await asyncio.sleep(0)
+
+
+def test_wire_format_round_trips_and_keeps_main_by_value():
+    """Messages to children: one pickle plus out-of-band buffers, framed for two reads.
+
+    The standard pickler is tried first (fast); anything of ``__main__`` and anything only
+    cloudpickle can pickle goes by value, since a child cannot import the driver's script.
+    """
+    import socket
+    import types
+
+    from dask_gpuresources._isolation import _dumps, _loads, _recv, _send
+
+    np = pytest.importorskip("numpy")
+    in_main = types.FunctionType((lambda x: x + 1).__code__, {"__name__": "__main__"}, "inc")
+    in_main.__module__ = "__main__"
+    big = np.arange(100_000, dtype="int64")  # an out-of-band buffer, over one write
+    message = ("run", {"k": b"v" * 10}, big, in_main, lambda y: y * 2)
+
+    frames = _dumps(message)
+    assert len(frames) == 2 and b"cloudpickle" in bytes(frames[0])
+    assert b"cloudpickle" not in bytes(_dumps(("ok", [1, 2], {"a": (3,)}))[0])
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=_send, args=(ours, frames))
+        sender.start()
+        op, data, array, fn, fn2 = _loads(_recv(theirs))
+        sender.join()
+        _send(ours, _dumps(("small", 1)))
+        assert _loads(_recv(theirs)) == ("small", 1)
+    assert op == "run" and data == {"k": b"v" * 10}
+    assert (array == big).all() and array.flags.writeable
+    assert fn(1) == 2 and fn2(2) == 4
