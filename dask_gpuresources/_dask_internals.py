@@ -107,6 +107,11 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "combines Dask's transition result with the tasks started after a hold ends",
     ),
     (
+        "distributed.cli.dask_spec",
+        "main",
+        "init()'s worker processes import first, then run `dask spec` once the scheduler is up",
+    ),
+    (
         "distributed.scheduler",
         "TaskState.actor",
         "an actor's GPU load stays counted in placement for the actor's life",

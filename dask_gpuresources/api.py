@@ -23,6 +23,7 @@ import logging
 import math
 import numbers
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -207,45 +208,90 @@ def init(
     return _info(runtime)
 
 
+def _worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # The driver's import path, as multiprocessing would hand it on: modules next to the
+    # user's script (or added to sys.path at run time) import on the worker too.
+    paths = [p for p in sys.path if p] + [env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.update(extra or {})
+    return env
+
+
+def _spawn_worker_process(env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A worker process that imports Dask now and waits for its scheduler on stdin."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dask_gpuresources._local_worker"],
+        stdin=subprocess.PIPE,
+        env=_worker_env(env),
+    )
+
+
+def _abandon(process: subprocess.Popen) -> None:
+    """End a prestarted worker process that never got its scheduler."""
+    with contextlib.suppress(OSError):
+        process.stdin.close()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class _WorkerProcess(SubprocessWorker):
-    """A local worker in a process of its own, started as ``python -m dask spec``.
+    """A local worker in a process of its own (``dask spec``, run by ``_local_worker``).
 
     Not ``multiprocessing``: a spawned worker would re-import the user's script (Ray's
     page runs ``init()`` at module level, with no ``if __name__ == "__main__"`` guard).
+    :func:`init` starts the process before the scheduler (``prestarted``), so that its
+    imports overlap the scheduler's start; a worker the cluster adds later starts its own.
     """
 
+    def __init__(
+        self,
+        *args: Any,
+        env: dict[str, str] | None = None,
+        prestarted: list | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._env = env  # e.g. this worker's CUDA_VISIBLE_DEVICES
+        self._prestarted = prestarted  # a one-element list, emptied when taken
+
     async def _start(self) -> None:
+        if self._prestarted:
+            process = self._prestarted.pop()
+        else:
+            process = _spawn_worker_process(self._env)
+        self.process = process
         spec = {"cls": self.worker_class, "opts": self.worker_kwargs}
-        env = dict(os.environ)
-        env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-        # The driver's import path, as multiprocessing would hand it on: modules next to the
-        # user's script (or added to sys.path at run time) import on the worker too.
-        paths = [p for p in sys.path if p] + [env.get("PYTHONPATH", "")]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "dask",
-            "spec",
-            self.scheduler,
-            "--spec",
-            json.dumps(spec),
-            env=env,
-        )
+        line = json.dumps({"address": self.scheduler, "spec": spec}) + "\n"
+        try:
+            process.stdin.write(line.encode())
+            process.stdin.close()
+        except BrokenPipeError:
+            raise RuntimeError(
+                f"the local worker process (pid {process.pid}) ended before it started, "
+                f"with exit code {process.poll()}"
+            ) from None
 
     async def close(self) -> None:
+        if self._prestarted:  # closed before it started: end of input ends it
+            _abandon(self._prestarted.pop())
         # SIGTERM first: the worker closes cleanly, ending its isolated children itself.
         process = self.process
-        if process is not None and process.returncode is None:
+        if process is not None and process.poll() is None:
             process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except asyncio.TimeoutError:
+            deadline = time.monotonic() + 10
+            while process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if process.poll() is None:
                 for child in psutil.Process(process.pid).children(recursive=True):
                     with contextlib.suppress(psutil.NoSuchProcess):
                         child.kill()
                 process.kill()
-                await process.wait()
+                process.wait()
         self.process = None
         await ProcessInterface.close(self)
 
@@ -275,23 +321,35 @@ def _local_cluster(
             "resources": {"GPU": per},
             **options.get("worker_options", {}),
         }
+        env = None
         if n_workers > 1 and per:
             # distinct devices per worker: slots i*per .. (i+1)*per - 1 of this machine
             from ._devices import device_tokens, visible_devices
 
             tokens = device_tokens(gpus, visible_devices())[i * per : (i + 1) * per]
-            kwargs["env"] = {"CUDA_VISIBLE_DEVICES": ",".join(tokens)}
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(tokens)}
         workers[f"gpu-worker-{i}"] = {
             "cls": _WorkerProcess,
-            "options": {"worker_class": "distributed.Worker", "worker_kwargs": kwargs},
+            "options": {
+                "worker_class": "distributed.Worker",
+                "worker_kwargs": kwargs,
+                "env": env,
+                "prestarted": [_spawn_worker_process(env)],
+            },
         }
-    return SpecCluster(
-        workers=workers,
-        scheduler={"cls": Scheduler, "options": scheduler_options},
-        security=security,
-        silence_logs=logging.WARNING,
-        name="dask_gpuresources",
-    )
+    try:
+        return SpecCluster(
+            workers=workers,
+            scheduler={"cls": Scheduler, "options": scheduler_options},
+            security=security,
+            silence_logs=logging.WARNING,
+            name="dask_gpuresources",
+        )
+    except BaseException:
+        for spec in workers.values():
+            for process in spec["options"]["prestarted"]:
+                _abandon(process)
+        raise
 
 
 def _info(runtime: _Runtime) -> InitInfo:

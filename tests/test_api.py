@@ -318,3 +318,47 @@ def test_dropping_the_last_handle_frees_the_actors_gpu(one_gpu):
     while ray.available_resources()["GPU"] != 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def _worker_pids():
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_embedded_cluster_splits_devices_over_worker_processes():
+    """init(num_gpus=2, n_workers=2): two worker processes, each with its own device."""
+    before = _worker_pids()
+    ray.init(num_gpus=2, n_workers=2, dashboard=False)
+    try:
+
+        def where():
+            ctx = ray.get_runtime_context()
+            return ctx.get_node_id(), os.environ.get("CUDA_VISIBLE_DEVICES"), ray.get_gpu_ids()
+
+        f = ray.remote(num_gpus=1, isolation="thread")(where)
+        seen = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen |= {
+                (n, env, tuple(ids)) for n, env, ids in ray.get([f.remote() for _ in range(8)])
+            }
+        assert ray.cluster_resources()["GPU"] == 2
+        assert {(env, ids) for _, env, ids in seen} == {("0", (0,)), ("1", (1,))}
+        assert len({node for node, _, _ in seen}) == 2
+        assert len(_worker_pids() - before) >= 2
+    finally:
+        ray.shutdown()
+    deadline = time.monotonic() + 30
+    while _worker_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _worker_pids() - before
+
+
+def test_embedded_cluster_that_fails_to_start_leaves_no_process():
+    before = _worker_pids()
+    with pytest.raises(RuntimeError, match="not_an_option"):
+        ray.init(num_gpus=1, scheduler_options={"not_an_option": 1})
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 30
+    while _worker_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _worker_pids() - before

@@ -1,0 +1,30 @@
+"""The process of a local worker that :func:`dask_gpuresources.init` starts.
+
+``python -m dask_gpuresources._local_worker`` is started before the scheduler exists, so
+that its imports (Dask and the worker plugin: about half a second) run on another core while
+the scheduler starts. The scheduler address and the worker spec then arrive as one JSON line
+on stdin, ``{"address": ..., "spec": {...}}``, and the process runs Dask's own ``dask spec``
+with them. End of input before that line (the driver gave up) ends the process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# Imported now, while the scheduler starts: this is what the early start is for.
+from distributed.cli.dask_spec import main as dask_spec
+
+import dask_gpuresources.worker  # noqa: F401
+
+
+def run() -> None:
+    line = sys.stdin.readline()
+    if not line.strip():
+        return
+    message = json.loads(line)
+    dask_spec([message["address"], "--spec", json.dumps(message["spec"])])
+
+
+if __name__ == "__main__":
+    run()
