@@ -9,6 +9,7 @@ with them. End of input before that line (the driver gave up) ends the process.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -19,6 +20,10 @@ import dask_gpuresources.worker  # noqa: F401
 
 
 def run() -> None:
+    # Everything imported so far lives as long as the process: move it out of the garbage
+    # collector's sight, so that full collections (frequent under a stream of small tasks)
+    # walk only what the worker creates from now on.
+    gc.freeze()
     line = sys.stdin.readline()
     if not line.strip():
         return
