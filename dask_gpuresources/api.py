@@ -157,7 +157,10 @@ def init(
     security
         A ``distributed.security.Security`` (TLS), passed to the cluster and the client.
     **cluster_options
-        Passed to ``distributed.LocalCluster``.
+        For the local cluster: ``n_workers`` (default 1) splits the devices over that many
+        worker processes, each with its own ``CUDA_VISIBLE_DEVICES`` (a task then gets at
+        most ``num_gpus / n_workers`` GPUs); ``scheduler_options`` and ``worker_options``
+        are passed to Dask's ``Scheduler`` and ``Worker``.
 
     Examples
     --------

@@ -122,8 +122,8 @@ class GPUAdmission(WorkerState):
         if plugin is not None:
             plugin.ledger.release(ts.key)
 
-    def _drop_actor_hold(self, transition: Any, ts: TaskState, *args: Any, **kwargs: Any) -> Any:
-        result = transition(self, ts, *args, **kwargs)
+    def _drop_actor_hold(self, ts: TaskState, result: Any) -> Any:
+        """After a release transition of ``ts``: end its actor hold, if it is a GPU actor."""
         plugin = self.plugins.get(PLUGIN_NAME)
         holds = getattr(plugin, "actor_holds", None)
         if not holds or ts.key not in holds or ts.state == "memory":
@@ -154,7 +154,11 @@ class GPUAdmission(WorkerState):
 
 def _wrap_release(transition: Any) -> Any:
     def wrapped(self: GPUAdmission, ts: TaskState, *args: Any, **kwargs: Any) -> Any:
-        return self._drop_actor_hold(transition, ts, *args, **kwargs)
+        result = transition(self, ts, *args, **kwargs)
+        # No actor holds devices (the common case): nothing more to do, not even a call.
+        if not getattr(self.plugins.get(PLUGIN_NAME), "actor_holds", None):
+            return result
+        return self._drop_actor_hold(ts, result)
 
     wrapped.__name__ = transition.__name__
     return wrapped
