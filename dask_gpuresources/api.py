@@ -280,8 +280,8 @@ class _WorkerProcess(SubprocessWorker):
             ) from None
 
     async def close(self) -> None:
-        if self._prestarted:  # closed before it started: end of input ends it
-            _abandon(self._prestarted.pop())
+        if self._prestarted:  # closed before it started: end its prestarted process
+            self.process = self._prestarted.pop()
         # SIGTERM first: the worker closes cleanly, ending its isolated children itself.
         process = self.process
         if process is not None and process.poll() is None:

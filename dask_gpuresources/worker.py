@@ -122,12 +122,8 @@ class GPUAdmission(WorkerState):
         if plugin is not None:
             plugin.ledger.release(ts.key)
 
-    def _drop_actor_hold(self, ts: TaskState, result: Any) -> Any:
-        """After a release transition of ``ts``: end its actor hold, if it is a GPU actor."""
-        plugin = self.plugins.get(PLUGIN_NAME)
-        holds = getattr(plugin, "actor_holds", None)
-        if not holds or ts.key not in holds or ts.state == "memory":
-            return result
+    def _end_actor_hold(self, plugin: GPUWorkerPlugin, ts: TaskState, result: Any) -> Any:
+        """After a release transition of the GPU actor ``ts``: free its devices."""
         recs, instructions = result
         plugin.actor_holds.pop(ts.key)
         plugin.ledger.release(ts.key)
@@ -155,10 +151,12 @@ class GPUAdmission(WorkerState):
 def _wrap_release(transition: Any) -> Any:
     def wrapped(self: GPUAdmission, ts: TaskState, *args: Any, **kwargs: Any) -> Any:
         result = transition(self, ts, *args, **kwargs)
-        # No actor holds devices (the common case): nothing more to do, not even a call.
-        if not getattr(self.plugins.get(PLUGIN_NAME), "actor_holds", None):
+        plugin = self.plugins.get(PLUGIN_NAME)
+        holds = getattr(plugin, "actor_holds", None)
+        # The common case, answered without another call: no GPU actor ends here.
+        if not holds or ts.key not in holds or ts.state == "memory":
             return result
-        return self._drop_actor_hold(ts, result)
+        return self._end_actor_hold(plugin, ts, result)
 
     wrapped.__name__ = transition.__name__
     return wrapped
