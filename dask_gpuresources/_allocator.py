@@ -266,7 +266,8 @@ def _as_amount(amount: object) -> Fraction:
 class DeviceLedger:
     """Which holder holds which GPU device slot of one worker, and what share of it.
 
-    Thread-safe: one lock guards every read and change. :meth:`acquire`, :meth:`release`
+    Thread-safe: one lock guards every change and every read that spans more than one
+    entry (a single holder's lease is read without it). :meth:`acquire`, :meth:`release`
     and :meth:`can_place` cost O(number of devices).
 
     Parameters
@@ -323,6 +324,8 @@ class DeviceLedger:
             return ()
         if amount.denominator == 1:
             k = amount.numerator
+            if k == 1:  # the common request: the first entirely free device (a C-level scan)
+                return (used.index(0),) if 0 in used else None
             found = []
             for i, u in enumerate(used):
                 if not u:
@@ -340,6 +343,30 @@ class DeviceLedger:
                 best, best_used = i, u
         return None if best < 0 else (best,)
 
+    def _take(self, holder: Hashable, amount: Fraction) -> Lease | None:
+        """Lease ``amount`` to ``holder`` if it fits now; call with the lock held."""
+        held = self._leases.get(holder)
+        if held is not None:
+            raise ValueError(
+                f"{holder!r} already holds GPU={format_amount(held.total)} "
+                f"on devices {held.devices}; release it before acquiring again"
+            )
+        devices = self._place(amount)
+        if devices is None:
+            return None
+        used = self._used
+        if amount.denominator == 1 and amount:
+            # A whole request takes entirely free devices: plain ints keep it cheap.
+            share = 1 if type(amount) is int else _ONE
+            for i in devices:
+                used[i] = 1
+        else:
+            share = amount
+            for i in devices:
+                used[i] += share
+        lease = self._leases[holder] = Lease(holder, devices, share)
+        return lease
+
     def can_place(self, amount: Fraction) -> bool:
         """Whether ``amount`` could be acquired now.
 
@@ -349,7 +376,8 @@ class DeviceLedger:
         >>> ledger.can_place(Fraction(1)), ledger.can_place(Fraction(2))
         (True, False)
         """
-        amount = _as_amount(amount)
+        if type(amount) is not int:  # a whole request from the worker is an int already
+            amount = _as_amount(amount)
         with self._lock:
             return self._place(amount) is not None
 
@@ -392,27 +420,9 @@ class DeviceLedger:
         """  # noqa: E501
         amount = _as_amount(amount)
         with self._lock:
-            held = self._leases.get(holder)
-            if held is not None:
-                raise ValueError(
-                    f"{holder!r} already holds GPU={format_amount(held.total)} "
-                    f"on devices {held.devices}; release it before acquiring again"
-                )
-            devices = self._place(amount)
-            if devices is None:
+            lease = self._take(holder, amount)
+            if lease is None:
                 raise NoFit(holder, amount, tuple(_ONE - u for u in self._used))
-            used = self._used
-            if amount.denominator == 1 and amount:
-                # A whole request takes entirely free devices: plain ints keep it cheap.
-                share = 1 if type(amount) is int else _ONE
-                for i in devices:
-                    used[i] = 1
-            else:
-                share = amount
-                for i in devices:
-                    used[i] += share
-            lease = Lease(holder, devices, share)
-            self._leases[holder] = lease
             return lease
 
     def try_acquire(self, holder: Hashable, amount: Fraction) -> Lease | None:
@@ -424,10 +434,10 @@ class DeviceLedger:
         >>> ledger.try_acquire("a", Fraction(2)) is None
         True
         """
-        try:
-            return self.acquire(holder, amount)
-        except NoFit:
-            return None
+        if type(amount) is not int:  # a whole request from the worker is an int already
+            amount = _as_amount(amount)
+        with self._lock:
+            return self._take(holder, amount)
 
     def release(self, holder: Hashable) -> Lease | None:
         """Free what ``holder`` holds and return its lease; None if it holds nothing.
@@ -455,8 +465,9 @@ class DeviceLedger:
 
     def lease(self, holder: Hashable) -> Lease | None:
         """The lease ``holder`` holds, or None."""
-        with self._lock:
-            return self._leases.get(holder)
+        # Without the lock: one dict read is atomic, and a task thread that asks for its own
+        # lease (get_gpu_ids) must never hold a lock the event loop is waiting for.
+        return self._leases.get(holder)
 
     def leases(self) -> dict[Hashable, Lease]:
         """A copy of all leases, by holder."""
@@ -467,6 +478,25 @@ class DeviceLedger:
         """The free share of each device, in device order."""
         with self._lock:
             return tuple(_ONE - u for u in self._used)
+
+    def all_taken(self) -> bool:
+        """Whether no device has any share free (cheaper than looking at :meth:`free`).
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(2)
+        >>> _ = ledger.acquire("a", Fraction(1))
+        >>> ledger.all_taken()
+        False
+        >>> _ = ledger.acquire("b", Fraction(1, 2))
+        >>> ledger.all_taken()
+        False
+        >>> _ = ledger.acquire("c", Fraction(1, 2))
+        >>> ledger.all_taken()
+        True
+        """
+        with self._lock:
+            return all(u == 1 for u in self._used)
 
     def holders(self) -> dict[int, dict[Hashable, Fraction]]:
         """Each device's holders and their shares (a copy; every device is present).

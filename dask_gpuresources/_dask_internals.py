@@ -171,6 +171,16 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "WorkStealing.move_task_request",
         "queued GPU work moves to workers whose devices are idle (the safe steal protocol)",
     ),
+    (
+        "distributed.stealing",
+        "WorkStealing.remove_key_from_stealable",
+        "GPU tasks made stealable before the plugin started are taken out of stealing",
+    ),
+    (
+        "distributed.stealing",
+        "WorkStealing.in_flight",
+        "a move rebalance() requested is followed until stealing settles it",
+    ),
 )
 
 

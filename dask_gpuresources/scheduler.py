@@ -103,6 +103,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self._rebalancer: PeriodicCallback | None = None
         self._placement = False
         self._stealing: Any = None
+        # GPU tasks rebalance() asked Dask's stealing to move, until the move is settled
+        self._moving: set[Hashable] = set()
 
     def __getstate__(self) -> dict:
         return {"worker_plugin": self.worker_plugin}
@@ -137,7 +139,6 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 self._enter_processing(ts)
 
         if dask.config.get("gpuresources.scheduler.placement"):
-            # The scheduler looks this method up on the instance for every placement.
             # The scheduler looks this method up on the instance for every placement: GPU
             # tasks are offered only the workers with the least device backlog, and Dask's
             # own objective chooses among those.
@@ -156,6 +157,12 @@ class GPUSchedulerPlugin(SchedulerPlugin):
 
                 stealing.put_key_in_stealable = put_key_in_stealable
                 self._stealing = stealing
+                # GPU tasks made stealable before the plugin started are not any more: from
+                # here on, only rebalance() moves GPU tasks, and it knows which.
+                for key in list(self._processing):
+                    ts = scheduler.tasks.get(key)
+                    if ts is not None:
+                        stealing.remove_key_from_stealable(ts)
         interval = parse_timedelta(
             dask.config.get("gpuresources.scheduler.rebalance-interval"), default="ms"
         )
@@ -279,6 +286,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self, key: Hashable, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
     ) -> None:
         """Track each worker's GPU load; fail rejected requests once they wait."""
+        # Dask calls this for every transition of every task: the common cases come first
+        # and cost a comparison or two.
         if finish == "processing":
             ts = self.scheduler.tasks.get(key)
             if ts is not None:
@@ -286,29 +295,39 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         elif start == "processing":
             record = self._processing.pop(key, None)
             if record is not None:
+                if self._moving:
+                    self._moving.discard(key)
                 ts = self.scheduler.tasks.get(key) if finish == "memory" else None
                 if ts is not None and ts.actor:
                     # Dask frees an actor's resources once its constructor returns; its
                     # devices stay held (and counted in placement) until it goes away.
                     self._actor_holds[key] = record
-                elif record[0] in self._load:
+                else:
                     self._exit_processing(*record)
-        elif start == "memory" and key in self._actor_holds:
-            # the actor was released, killed, or lost with its worker
-            record = self._actor_holds.pop(key)
-            if record[0] in self._load:
-                self._exit_processing(*record)
-        if finish == "no-worker" and key in self._rejected:
-            self.scheduler.loop.add_callback(self._fail_rejected, key)
-        elif finish == "forgotten":
-            self._rejected.pop(key, None)
+        elif start == "memory":
+            if self._actor_holds and key in self._actor_holds:
+                # the actor was released, killed, or lost with its worker
+                self._exit_processing(*self._actor_holds.pop(key))
+        if self._rejected:
+            if finish == "no-worker" and key in self._rejected:
+                self.scheduler.loop.add_callback(self._fail_rejected, key)
+            elif finish == "forgotten":
+                self._rejected.pop(key, None)
 
     def _enter_processing(self, ts: Any) -> None:
-        units = _units(ts.resource_restrictions)
-        if units and ts.processing_on is not None:
-            ws = ts.processing_on
-            self._processing[ts.key] = (ws.address, units)
-            self._add_load(ws.address, units)
+        restrictions = ts.resource_restrictions
+        if not restrictions:
+            return
+        value = restrictions.get(GPU)
+        ws = ts.processing_on
+        if not value or ws is None:
+            return
+        units = round(value * _UNITS)
+        addr = ws.address
+        self._processing[ts.key] = (addr, units)
+        load = self._load[addr] = self._load.get(addr, 0) + units
+        if load > ws.resources.get(GPU, 0) * _UNITS:
+            self._overloaded.add(addr)
 
     def _add_load(self, addr: str, units: int) -> None:
         load = self._load[addr] = self._load.get(addr, 0) + units
@@ -319,15 +338,23 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             self._overloaded.discard(addr)
 
     def _exit_processing(self, addr: str, units: int) -> None:
-        self._add_load(addr, -units)
-        # A device came free here while GPU work waits elsewhere: rebalance now rather than
-        # on the next tick.
-        if (
-            self._overloaded
-            and addr not in self._overloaded
-            and not self._rebalance_soon
-            and self._rebalancer is not None
-        ):
+        load = self._load.get(addr)
+        if load is None:  # the worker is gone, and its load with it
+            return
+        load = self._load[addr] = load - units
+        overloaded = self._overloaded
+        if not overloaded:
+            return
+        if addr in overloaded:
+            ws = self.scheduler.workers.get(addr)
+            if ws is not None and load > ws.resources.get(GPU, 0) * _UNITS:
+                return  # still more GPU work than devices here: nothing came free
+            overloaded.discard(addr)
+            if not overloaded:
+                return
+        if not self._rebalance_soon and self._rebalancer is not None:
+            # A device came free here while GPU work waits elsewhere: rebalance now rather
+            # than on the next tick.
             self._rebalance_soon = True
             self.scheduler.loop.add_callback(self.rebalance)
 
@@ -408,19 +435,31 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 if thief is None:
                     continue
                 stealing.move_task_request(ts, ws, scheduler.workers[thief])
+                self._moving.add(ts.key)
                 excess -= units
                 idle[thief] -= units
                 if idle[thief] <= 0:
                     del idle[thief]
 
     def _follow_moves(self) -> None:
-        # Work stealing moves tasks without transition hooks: re-home their load.
+        # Work stealing moves tasks without transition hooks: re-home their load. With our
+        # placement on, Dask's stealing leaves GPU tasks alone, so only the tasks rebalance()
+        # asked to move can have moved; without it, any GPU task may have.
         tasks = self.scheduler.tasks
-        for key, (addr, units) in list(self._processing.items()):
+        in_flight = self._stealing.in_flight if self._stealing is not None else None
+        keys = list(self._processing) if in_flight is None else list(self._moving)
+        for key in keys:
+            record = self._processing.get(key)
             ts = tasks.get(key)
-            if ts is None or ts.processing_on is None or ts.processing_on.address == addr:
+            if record is None or ts is None or ts.processing_on is None:
+                self._moving.discard(key)
                 continue
+            if in_flight is not None and ts not in in_flight:
+                self._moving.discard(key)  # settled: moved, refused, or rescheduled
+            addr, units = record
             new = ts.processing_on.address
+            if new == addr:
+                continue
             if addr in self._load:
                 self._add_load(addr, -units)
             self._add_load(new, units)

@@ -87,8 +87,8 @@ class GPUAdmission(WorkerState):
     __slots__ = ()
 
     def _gpu_plugin(self) -> GPUWorkerPlugin | None:
-        # Called a few times per task: one dict lookup, one attribute (only the
-        # GPUWorkerPlugin is registered under PLUGIN_NAME).
+        # One dict lookup and one attribute (only the GPUWorkerPlugin is registered under
+        # PLUGIN_NAME). The methods below, which run for every task, inline it.
         plugin = self.plugins.get(PLUGIN_NAME)
         if plugin is not None and plugin.ledger is not None:
             return plugin
@@ -100,27 +100,37 @@ class GPUAdmission(WorkerState):
         amount = gpu_amount(ts.resource_restrictions)
         if not amount:
             return True
-        plugin = self._gpu_plugin()
-        return plugin is None or plugin.ledger.can_place(amount)
+        ledger = getattr(self.plugins.get(PLUGIN_NAME), "ledger", None)
+        return ledger is None or ledger.can_place(amount)
 
     def _acquire_resources(self, ts: TaskState) -> None:
         super()._acquire_resources(ts)
-        plugin = self._gpu_plugin()
-        if plugin is not None:
-            plugin.lease(ts.key, ts.resource_restrictions)
+        plugin = self.plugins.get(PLUGIN_NAME)
+        if plugin is None or plugin.ledger is None:
+            return
+        amount = gpu_amount(ts.resource_restrictions)
+        if amount is not None and plugin.ledger.try_acquire(ts.key, amount) is None:
+            # admitted by stock Dask before the plugin knew the task
+            logger.warning("Task %r started without a device lease: no device fits", ts.key)
+        annotations = ts.annotations
+        if (annotations and "isolation" in annotations) or (
+            amount and plugin._isolation == "process"
+        ):
             plugin.route(ts)
 
     def _release_resources(self, ts: TaskState) -> None:
-        plugin = self._gpu_plugin()
         super()._release_resources(ts)
-        if plugin is not None and ts.key in self.actors and ts.key in plugin.ledger:
+        ledger = getattr(self.plugins.get(PLUGIN_NAME), "ledger", None)
+        if ledger is None:
+            return
+        key = ts.key
+        if key in self.actors and key in ledger:
             # An actor keeps its devices from construction until it goes away. Dask's own
             # books count them free again once the constructor returns (its invariant: only
             # running tasks hold resources); the ledger, which admits GPU tasks, does not.
-            plugin.actor_holds[ts.key] = ts.resource_restrictions[GPU]
+            self.plugins[PLUGIN_NAME].actor_holds[key] = ts.resource_restrictions[GPU]
             return
-        if plugin is not None:
-            plugin.ledger.release(ts.key)
+        ledger.release(key)
 
     def _end_actor_hold(self, plugin: GPUWorkerPlugin, ts: TaskState, result: Any) -> Any:
         """After a release transition of the GPU actor ``ts``: free its devices."""
@@ -132,19 +142,21 @@ class GPUAdmission(WorkerState):
         return merge_recs_instructions((recs, instructions), self._ensure_computing())
 
     def _next_ready_task(self) -> TaskState | None:
-        plugin = self._gpu_plugin()
-        if plugin is None or not self.constrained:
+        constrained = self.constrained
+        plugin = self.plugins.get(PLUGIN_NAME) if constrained else None
+        if plugin is None or plugin.ledger is None:
             return super()._next_ready_task()
-        candidate = plugin.pick_constrained(self)
-        if self.ready:
-            tsr = self.ready.peek()
-            if candidate is None or tsr.priority < candidate.priority:
-                return self.ready.pop()
-        if candidate is not None:
-            if candidate is self.constrained.peek():
-                self.constrained.pop()  # keeps the heap free of stale entries
-            else:
-                self.constrained.discard(candidate)
+        head = constrained.peek()
+        ready = self.ready
+        if ready and ready.peek().priority < head.priority:
+            return ready.pop()  # ahead of every constrained task, whatever fits
+        candidate = plugin.pick_constrained(self, head)
+        if ready and (candidate is None or ready.peek().priority < candidate.priority):
+            return ready.pop()
+        if candidate is head:
+            constrained.pop()  # keeps the heap free of stale entries
+        elif candidate is not None:
+            constrained.discard(candidate)
         return candidate
 
 
@@ -371,23 +383,18 @@ class GPUWorkerPlugin(WorkerPlugin):
 
     # -- admission (called by GPUAdmission on the worker's event loop) -----------------------
 
-    def lease(self, key: Hashable, restrictions: dict | None) -> Lease | None:
-        amount = gpu_amount(restrictions)
-        if amount is None:
-            return None
-        lease = self.ledger.try_acquire(key, amount)
-        if lease is None:  # admitted by stock Dask before the plugin knew the task
-            logger.warning("Task %r started without a device lease: no device fits", key)
-        return lease
-
-    def pick_constrained(self, state: WorkerState) -> TaskState | None:
+    def pick_constrained(
+        self, state: WorkerState, head: TaskState | None = None
+    ) -> TaskState | None:
         """The highest-priority constrained task that can start now, if any.
 
-        The head of the heap goes first when it fits. When it does not, later tasks that
-        fit may pass it, until it has waited ``gpuresources.worker.bypass-limit``; from then
-        on nothing passes it, so the devices drain until it fits.
+        The head of the heap (``head``, when the caller has peeked it already) goes first
+        when it fits. When it does not, later tasks that fit may pass it, until it has waited
+        ``gpuresources.worker.bypass-limit``; from then on nothing passes it, so the devices
+        drain until it fits.
         """
-        head = state.constrained.peek()
+        if head is None:
+            head = state.constrained.peek()
         if state._resource_restrictions_satisfied(head):
             self._blocked = None
             return head
@@ -398,7 +405,7 @@ class GPUWorkerPlugin(WorkerPlugin):
             return None
 
         smallest_misfit = gpu_amount(head.resource_restrictions)
-        if smallest_misfit is not None and not any(self.ledger.free()):
+        if smallest_misfit is not None and self.ledger.all_taken():
             return None
         for ts in state.constrained.sorted():
             if ts is head:
@@ -524,7 +531,8 @@ class GPUWorkerPlugin(WorkerPlugin):
         lease = self.ledger.lease(key) if self.ledger is not None else None
         if lease is None:
             return []
-        return sorted(self.ids[slot] for slot in lease.devices)
+        ids = self.ids
+        return sorted([ids[slot] for slot in lease.devices])
 
     def tokens_for(self, key: Hashable) -> list[str]:
         """The ``CUDA_VISIBLE_DEVICES`` entries leased to ``key``, in device order."""

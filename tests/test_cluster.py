@@ -373,5 +373,12 @@ async def test_queued_work_moves_to_idle_devices(c, s, a):
     async with Worker(s.address, nthreads=4, resources={"GPU": 4}) as w:
         results = await c.gather(futures)
         moved = sum(r[0] == w.address for r in results)
+        # Every moved task's load followed it and left with it: no worker keeps phantom
+        # GPU work that would steer placement away from it.
+        plugin = s.plugins["gpuresources"]
+        plugin.rebalance()
+        assert plugin._processing == {}
+        assert plugin._load and set(plugin._load.values()) == {0}, plugin._load
+        assert not plugin._overloaded and not plugin._moving
     assert moved >= 8, moved
     assert_no_overlap(results)
