@@ -51,24 +51,18 @@ _UNITS = 10_000
 
 
 @functools.lru_cache(maxsize=1024)
-def _parse_cached(value: Any) -> Fraction:
-    return parse_gpu_amount(value)
+def _parse_cached(value: Any) -> tuple[Fraction, int]:
+    amount = parse_gpu_amount(value)
+    return amount, math.ceil(amount)
 
 
-def _parse(value: Any) -> Fraction:
+def _parse(value: Any) -> tuple[Fraction, int]:
+    """The exact amount ``value`` asks for, and how many devices it needs."""
     try:
         return _parse_cached(value)
     except TypeError:  # unhashable: let parse_gpu_amount say what is wrong with it
-        return parse_gpu_amount(value)
-
-
-def _units(restrictions: dict | None) -> int:
-    if not restrictions:
-        return 0
-    value = restrictions.get(GPU)
-    if not value:
-        return 0
-    return round(value * _UNITS)
+        amount = parse_gpu_amount(value)
+        return amount, math.ceil(amount)
 
 
 class GPUSchedulerPlugin(SchedulerPlugin):
@@ -152,7 +146,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 original = type(stealing).put_key_in_stealable
 
                 def put_key_in_stealable(ts: Any) -> None:
-                    if not _units(ts.resource_restrictions):
+                    restrictions = ts.resource_restrictions
+                    if not restrictions or not restrictions.get(GPU):
                         original(stealing, ts)
 
                 stealing.put_key_in_stealable = put_key_in_stealable
@@ -231,7 +226,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 restrictions[GPU] = restrictions.pop("gpu")
                 ts.resource_restrictions = restrictions
             try:
-                amount = _parse(restrictions[GPU])
+                amount, devices = _parse(restrictions[GPU])
             except InvalidRequestError as e:
                 self._reject(ts, e)
                 continue
@@ -239,7 +234,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 continue
             if largest is None:
                 largest = self._largest_worker()
-            if largest[0] >= math.ceil(amount):
+            if largest[0] >= devices:
                 continue
             error = InfeasibleRequestError(key, format_amount(amount), *largest)
             if dask.config.get("gpuresources.infeasible") == "wait":

@@ -142,21 +142,22 @@ class GPUAdmission(WorkerState):
         return merge_recs_instructions((recs, instructions), self._ensure_computing())
 
     def _next_ready_task(self) -> TaskState | None:
-        constrained = self.constrained
-        plugin = self.plugins.get(PLUGIN_NAME) if constrained else None
+        # Dask's own choice first: it takes the head of the constrained heap when it fits
+        # (asking _resource_restrictions_satisfied above), else a ready task.
+        ts = super()._next_ready_task()
+        if ts is not None or not self.constrained:
+            return ts
+        # The head of the heap does not fit and nothing else is ready: a smaller GPU task
+        # behind it may fit (no head-of-line blocking).
+        plugin = self.plugins.get(PLUGIN_NAME)
         if plugin is None or plugin.ledger is None:
-            return super()._next_ready_task()
-        head = constrained.peek()
-        ready = self.ready
-        if ready and ready.peek().priority < head.priority:
-            return ready.pop()  # ahead of every constrained task, whatever fits
-        candidate = plugin.pick_constrained(self, head)
-        if ready and (candidate is None or ready.peek().priority < candidate.priority):
-            return ready.pop()
-        if candidate is head:
-            constrained.pop()  # keeps the heap free of stale entries
-        elif candidate is not None:
-            constrained.discard(candidate)
+            return None
+        candidate = plugin.pick_constrained(self)
+        if candidate is not None:
+            if candidate is self.constrained.peek():
+                self.constrained.pop()  # keeps the heap free of stale entries
+            else:
+                self.constrained.discard(candidate)
         return candidate
 
 
@@ -383,18 +384,14 @@ class GPUWorkerPlugin(WorkerPlugin):
 
     # -- admission (called by GPUAdmission on the worker's event loop) -----------------------
 
-    def pick_constrained(
-        self, state: WorkerState, head: TaskState | None = None
-    ) -> TaskState | None:
+    def pick_constrained(self, state: WorkerState) -> TaskState | None:
         """The highest-priority constrained task that can start now, if any.
 
-        The head of the heap (``head``, when the caller has peeked it already) goes first
-        when it fits. When it does not, later tasks that fit may pass it, until it has waited
-        ``gpuresources.worker.bypass-limit``; from then on nothing passes it, so the devices
-        drain until it fits.
+        The head of the heap goes first when it fits. When it does not, later tasks that
+        fit may pass it, until it has waited ``gpuresources.worker.bypass-limit``; from then
+        on nothing passes it, so the devices drain until it fits.
         """
-        if head is None:
-            head = state.constrained.peek()
+        head = state.constrained.peek()
         if state._resource_restrictions_satisfied(head):
             self._blocked = None
             return head
