@@ -32,7 +32,7 @@ from distributed.worker import get_worker, thread_state
 from distributed.worker_state_machine import TaskState, WorkerState, merge_recs_instructions
 
 from . import _config  # noqa: F401  (registers the config defaults)
-from ._allocator import DeviceLedger, InvalidRequestError, Lease, parse_gpu_amount
+from ._allocator import DeviceLedger, InvalidRequestError, parse_gpu_amount
 from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
 from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun, parse_max_calls
@@ -81,18 +81,11 @@ class GPUAdmission(WorkerState):
     """Per-device admission for Dask's worker state machine (a mixin, no state of its own).
 
     The ledger lives on the plugin, reached through ``self.plugins`` (shared with the
-    Worker), because ``WorkerState`` uses ``__slots__``.
+    Worker), because ``WorkerState`` uses ``__slots__``. These methods run for every task on
+    the worker's event loop, so each looks the plugin up once and calls as little as it can.
     """
 
     __slots__ = ()
-
-    def _gpu_plugin(self) -> GPUWorkerPlugin | None:
-        # One dict lookup and one attribute (only the GPUWorkerPlugin is registered under
-        # PLUGIN_NAME). The methods below, which run for every task, inline it.
-        plugin = self.plugins.get(PLUGIN_NAME)
-        if plugin is not None and plugin.ledger is not None:
-            return plugin
-        return None
 
     def _resource_restrictions_satisfied(self, ts: TaskState) -> bool:
         if not super()._resource_restrictions_satisfied(ts):
