@@ -44,6 +44,22 @@ def assert_no_overlap(results, share=1.0):
             assert running <= limit, f"device {device} held by {running} tasks at once"
 
 
+def assert_load_follows_tasks(s):
+    """The scheduler plugin's GPU load per worker is the sum over the tasks processing there."""
+    plugin = s.plugins["gpuresources"]
+    plugin._follow_moves()
+    expected = defaultdict(int)
+    for key, (addr, units) in plugin._processing.items():
+        assert s.tasks[key].processing_on.address == addr, key
+        expected[addr] += units
+    assert {a: v for a, v in plugin._load.items() if v} == dict(expected)
+
+
+def _moved_to(s, worker):
+    ws = s.workers[worker.address]
+    return any(ts.processing_on is ws for ts in s.tasks.values())
+
+
 async def leases(c):
     return await gr.allocations(c)
 
@@ -371,6 +387,8 @@ async def test_queued_work_moves_to_idle_devices(c, s, a):
     futures = c.map(gpu_task, [0.2] * 20, resources={"GPU": 1}, pure=False)
     await async_poll_for(lambda: len(a.state.tasks) >= 20, timeout=10)
     async with Worker(s.address, nthreads=4, resources={"GPU": 4}) as w:
+        await async_poll_for(lambda: _moved_to(s, w), timeout=10)
+        assert_load_follows_tasks(s)
         results = await c.gather(futures)
         moved = sum(r[0] == w.address for r in results)
         # Every moved task's load followed it and left with it: no worker keeps phantom
@@ -381,4 +399,30 @@ async def test_queued_work_moves_to_idle_devices(c, s, a):
         assert plugin._load and set(plugin._load.values()) == {0}, plugin._load
         assert not plugin._overloaded and not plugin._moving
     assert moved >= 8, moved
+    assert_no_overlap(results)
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 8, {"resources": {"GPU": 1}})],
+    # our placement and rebalancer off: only Dask's own work stealing moves GPU tasks
+    config={
+        "gpuresources.scheduler.placement": False,
+        "gpuresources.scheduler.rebalance-interval": 0,
+    },
+)
+async def test_load_follows_moves_without_placement(c, s, a):
+    """Without our placement, Dask's own stealing moves GPU tasks; their load follows them."""
+    await gr.install(c)
+    futures = c.map(gpu_task, [0.2] * 20, resources={"GPU": 1}, pure=False)
+    await async_poll_for(lambda: len(a.state.tasks) >= 20, timeout=10)
+    async with Worker(s.address, nthreads=4, resources={"GPU": 4}) as w:
+        await async_poll_for(lambda: _moved_to(s, w), timeout=10)
+        assert_load_follows_tasks(s)
+        results = await c.gather(futures)
+        assert any(r[0] == w.address for r in results)
+        plugin = s.plugins["gpuresources"]
+        plugin.rebalance()
+        assert plugin._processing == {}
+        assert plugin._load and set(plugin._load.values()) == {0}, plugin._load
     assert_no_overlap(results)
