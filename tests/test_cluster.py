@@ -381,8 +381,13 @@ async def test_placement_follows_free_devices(c, s, a, b, big):
     assert_no_overlap(results)
 
 
-@gen_cluster(client=True, nthreads=[("127.0.0.1", 8, {"resources": {"GPU": 1}})])
-async def test_queued_work_moves_to_idle_devices(c, s, a):
+async def _queue_then_add_idle_worker(c, s, a):
+    """Queue 20 GPU tasks on the 1-GPU worker ``a``, then add an idle 4-GPU worker.
+
+    While moved tasks run, and after all are done, the scheduler plugin's load follows the
+    tasks. Returns the results, the added worker's address, and whether the plugin had
+    nothing overloaded and no move pending once all were done.
+    """
     await gr.install(c)
     futures = c.map(gpu_task, [0.2] * 20, resources={"GPU": 1}, pure=False)
     await async_poll_for(lambda: len(a.state.tasks) >= 20, timeout=10)
@@ -390,16 +395,24 @@ async def test_queued_work_moves_to_idle_devices(c, s, a):
         await async_poll_for(lambda: _moved_to(s, w), timeout=10)
         assert_load_follows_tasks(s)
         results = await c.gather(futures)
-        moved = sum(r[0] == w.address for r in results)
         # Every moved task's load followed it and left with it: no worker keeps phantom
         # GPU work that would steer placement away from it.
         plugin = s.plugins["gpuresources"]
         plugin.rebalance()
         assert plugin._processing == {}
         assert plugin._load and set(plugin._load.values()) == {0}, plugin._load
-        assert not plugin._overloaded and not plugin._moving
-    assert moved >= 8, moved
+        settled = not plugin._overloaded and not plugin._moving
+        added = w.address
     assert_no_overlap(results)
+    return results, added, settled
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 8, {"resources": {"GPU": 1}})])
+async def test_queued_work_moves_to_idle_devices(c, s, a):
+    results, added, settled = await _queue_then_add_idle_worker(c, s, a)
+    assert settled
+    moved = sum(r[0] == added for r in results)
+    assert moved >= 8, moved
 
 
 @gen_cluster(
@@ -413,16 +426,5 @@ async def test_queued_work_moves_to_idle_devices(c, s, a):
 )
 async def test_load_follows_moves_without_placement(c, s, a):
     """Without our placement, Dask's own stealing moves GPU tasks; their load follows them."""
-    await gr.install(c)
-    futures = c.map(gpu_task, [0.2] * 20, resources={"GPU": 1}, pure=False)
-    await async_poll_for(lambda: len(a.state.tasks) >= 20, timeout=10)
-    async with Worker(s.address, nthreads=4, resources={"GPU": 4}) as w:
-        await async_poll_for(lambda: _moved_to(s, w), timeout=10)
-        assert_load_follows_tasks(s)
-        results = await c.gather(futures)
-        assert any(r[0] == w.address for r in results)
-        plugin = s.plugins["gpuresources"]
-        plugin.rebalance()
-        assert plugin._processing == {}
-        assert plugin._load and set(plugin._load.values()) == {0}, plugin._load
-    assert_no_overlap(results)
+    results, added, _ = await _queue_then_add_idle_worker(c, s, a)
+    assert any(r[0] == added for r in results)
