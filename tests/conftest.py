@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import psutil
 import pytest
 
 from dask_gpuresources._nvml import FakeNVML
@@ -25,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
 def fake_nvml():
     """An NVML backend that reports four 16 GiB GPUs."""
     return FakeNVML.with_gpus(4)
+
+
+@pytest.fixture
+def alive():
+    """``alive(pid)``: whether a process runs (a zombie, or one that exits meanwhile, does not)."""
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return alive

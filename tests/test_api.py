@@ -237,28 +237,30 @@ class Meeter:
         return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), ray.get_gpu_ids()
 
 
-def test_isolated_actors_on_one_worker_run_concurrently_and_see_only_their_device():
+def test_isolated_actors_on_one_worker_run_concurrently_and_see_only_their_device(alive):
     with make_cluster([2]) as c:
         ray.init(address=c.scheduler_address)
-        a, b = Meeter.remote(), Meeter.remote()
-        (pa, env_a, ids_a), (pb, env_b, ids_b) = ray.get([a.where.remote(), b.where.remote()])
-        assert {env_a, env_b} == {"0", "1"} and [int(env_a)] == ids_a and [int(env_b)] == ids_b
-        assert len({pa, pb, os.getpid()}) == 3
-        folder = tempfile.mkdtemp()
-        # each method waits for the other: both return True only if they ran at once
-        assert ray.get([a.meet.remote("a", "b", folder), b.meet.remote("b", "a", folder)]) == [
-            True,
-            True,
-        ]
-        ray.kill(a)
-        deadline = time.monotonic() + 10
-        while psutil.pid_exists(pa) and psutil.Process(pa).status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline, "the killed actor's process is still alive"
-            time.sleep(0.05)
-        with pytest.raises(ray.ActorDiedError, match="is dead"):
-            ray.get(a.where.remote())
-        assert ray.available_resources()["GPU"] == 1
-        ray.shutdown()
+        try:
+            a, b = Meeter.remote(), Meeter.remote()
+            (pa, env_a, ids_a), (pb, env_b, ids_b) = ray.get([a.where.remote(), b.where.remote()])
+            assert {env_a, env_b} == {"0", "1"} and [int(env_a)] == ids_a and [int(env_b)] == ids_b
+            assert len({pa, pb, os.getpid()}) == 3
+            folder = tempfile.mkdtemp()
+            # each method waits for the other: both return True only if they ran at once
+            assert ray.get([a.meet.remote("a", "b", folder), b.meet.remote("b", "a", folder)]) == [
+                True,
+                True,
+            ]
+            ray.kill(a)
+            deadline = time.monotonic() + 10
+            while alive(pa):
+                assert time.monotonic() < deadline, "the killed actor's process is still alive"
+                time.sleep(0.05)
+            with pytest.raises(ray.ActorDiedError, match="is dead"):
+                ray.get(a.where.remote())
+            assert ray.available_resources()["GPU"] == 1
+        finally:
+            ray.shutdown()
 
 
 def call_through(handle):

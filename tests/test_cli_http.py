@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 
-import psutil
 import pytest
 from click.testing import CliRunner
 from distributed import Scheduler, SpecCluster, Worker
@@ -53,7 +52,7 @@ def test_bad_input_is_one_line_and_exit_code_2(state_dir, args, message):
     assert "Traceback" not in result.output
 
 
-def test_start_status_stop_with_real_processes(state_dir):
+def test_start_status_stop_with_real_processes(state_dir, alive):
     started = cli(
         "start", "--head", "--num-gpus=2", "--port=0", "--dashboard-address=:0", state_dir=state_dir
     )
@@ -99,7 +98,7 @@ def test_start_status_stop_with_real_processes(state_dir):
     assert stopped.returncode == 0
     assert stopped.stdout.count("Stopped") == 3
     deadline = time.monotonic() + 20
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+    while any(alive(p) for p in pids):
         assert time.monotonic() < deadline, "a started process outlived stop"
         time.sleep(0.1)
     assert "Nothing to stop" in cli("stop", state_dir=state_dir).stdout
