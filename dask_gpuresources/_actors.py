@@ -22,7 +22,7 @@ import collections
 import contextlib
 import contextvars
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from distributed.worker import get_worker, thread_state
@@ -30,7 +30,7 @@ from distributed.worker import get_worker, thread_state
 from . import _context
 from ._context import TaskContext
 from .exceptions import ActorDiedError
-from .worker import PLUGIN_NAME
+from .worker import devices_of
 
 __all__ = ["ActorHost"]
 
@@ -41,9 +41,9 @@ class ActorHost:
     def __init__(self, cls: type, args: tuple, kwargs: dict, isolation: str) -> None:
         worker = get_worker()
         key = thread_state.key
-        plugin = worker.plugins.get(PLUGIN_NAME)
-        ids = tuple(plugin.ids_for(key)) if plugin is not None else ()
-        tokens = tuple(plugin.tokens_for(key)) if plugin is not None else ()
+        devices = devices_of(worker)
+        ids = tuple(devices.ids_for(key)) if devices is not None else ()
+        tokens = tuple(devices.tokens_for(key)) if devices is not None else ()
         self.key: Hashable = key
         self.worker = worker.address
         self.context = TaskContext(key, ids, tokens, worker.address, actor=key)
@@ -55,7 +55,7 @@ class ActorHost:
         self._instance: Any = None
         self._child: Any = None
         self._dead: str | None = None
-        executor = plugin.executor if plugin is not None else None
+        executor = devices.executor if devices is not None else None
         self._executor = executor
         if isolation == "process" and executor is not None:
             self._child = executor.start_actor(self.context, cls, args, kwargs)
@@ -64,8 +64,8 @@ class ActorHost:
         else:
             with _context.use(self.context):
                 self._instance = cls(*args, **kwargs)
-        if plugin is not None:
-            plugin.on_actor_release(key, self.close)
+        if devices is not None:
+            devices.on_actor_release(key, self.close)
 
     async def call(self, message: tuple) -> Any:
         """Run ``(caller, seq, method, args, kwargs)``: a caller's calls run in ``seq`` order.
@@ -119,17 +119,33 @@ class ActorHost:
             return await self._executor.acall_actor(self._child, context, method, args, kwargs)
 
     def _run(self, context: TaskContext, method: str, args: tuple, kwargs: dict) -> Any:
+        if self._dead is not None:  # queued behind a method that was running at kill()
+            raise ActorDiedError(self.key, self.worker, self._dead)
         with _context.use(context):
             result = getattr(self._instance, method)(*args, **kwargs)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return result
 
-    def close(self) -> None:
-        """End the actor: its child process, its thread. Called when Dask releases it."""
+    def close(self) -> Future | None:
+        """End the actor: its child process, its thread. Called when Dask releases it.
+
+        Returns a future that is done once a method running on the actor's thread returns
+        (its devices stay leased until then), or None when nothing runs on its devices.
+        """
         self._dead = "it was killed or released"
+        self._instance = None
         if self._child is not None:
             with contextlib.suppress(Exception):
                 self._executor.end_actor(self.key)
+            self._thread.shutdown(wait=False)
+            return None
+        # Calls queued behind the running one fail at once (see _run); the marker is done
+        # when the running one returns.
+        drained = self._thread.submit(_nothing)
         self._thread.shutdown(wait=False)
-        self._instance = None
+        return drained
+
+
+def _nothing() -> None:
+    return None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -54,15 +54,15 @@ def parse_gpu_amount(value: object) -> Fraction:
     ----------
     value
         The amount asked for: an ``int``, ``float``, ``Fraction``, ``Decimal`` or any other
-        :class:`numbers.Real` (NumPy scalars included). Floats and Decimals are read to Ray's
-        precision of 0.0001 (``Fraction(value).limit_denominator(10_000)``), so ``0.1`` is
-        exactly ``1/10`` and ten of them make exactly one GPU; ints and Fractions are kept
-        exact. The range checks apply to the value as given, before any rounding.
+        :class:`numbers.Real` (NumPy scalars included). Fractional amounts are rounded to
+        the nearest multiple of Ray's precision, 0.0001: ``0.1`` is exactly ``1/10`` (ten of
+        them make exactly one GPU), ``1/3`` and ``0.33334`` both become ``0.3333``. The
+        range checks apply to the value as given, before any rounding.
 
     Returns
     -------
     Fraction
-        Zero, an amount in ``[0.0001, 1]``, or a whole number above 1.
+        Zero, a multiple of 0.0001 in ``[0.0001, 1]``, or a whole number above 1.
 
     Raises
     ------
@@ -77,7 +77,9 @@ def parse_gpu_amount(value: object) -> Fraction:
     >>> parse_gpu_amount(0.1)
     Fraction(1, 10)
     >>> parse_gpu_amount(1 / 3)
-    Fraction(1, 3)
+    Fraction(3333, 10000)
+    >>> parse_gpu_amount(Fraction(1, 3)) == parse_gpu_amount(0.33334) == Fraction(3333, 10000)
+    True
     >>> parse_gpu_amount(1.5)
     Traceback (most recent call last):
     ...
@@ -134,10 +136,15 @@ def parse_gpu_amount(value: object) -> Fraction:
             "a GPU request above 1 must be a whole number",
             f"resources={{'GPU': {low}}} or resources={{'GPU': {high}}}",
         )
-    if exact.denominator == 1 or isinstance(value, numbers.Rational):
+    if exact.denominator == 1:
         return exact
-    # Decimals and floats are read to Ray's precision: 0.1 means 1/10, not the float nearest it.
-    return exact.limit_denominator(_PRECISION)
+    # One representation end to end: every fractional amount is a whole number of 1/10000
+    # units (Ray's precision), rounded to the nearest unit, so that the ledger, the
+    # scheduler's integer load and anything derived from them always agree. 0.1 is exactly
+    # 1/10 (not the float nearest it), 1/3 and 0.33334 both become 0.3333, and three of
+    # them fit on one device.
+    units = round(exact * _PRECISION)
+    return Fraction(units, _PRECISION)
 
 
 def _number_example(value: object) -> str:
@@ -236,6 +243,36 @@ class NoFit(Exception):
         return type(self), (self.holder, self.amount, self.free)
 
 
+def _place(used: list, amount: Fraction, limit: int) -> tuple[int, ...] | None:
+    """Where ``amount`` goes given each slot's used share (only slots below ``limit``)."""
+    if not amount:
+        return ()
+    if amount.denominator == 1:
+        k = amount.numerator
+        if k == 1:  # the common request: the first entirely free device (a C-level scan)
+            try:
+                return (used.index(0, 0, limit),)
+            except ValueError:
+                return None
+        found = []
+        for i in range(limit):
+            if not used[i]:
+                found.append(i)
+                if len(found) == k:
+                    return tuple(found)
+        return None
+    # Best fit: the fullest device that still fits, i.e. the largest used share that is at
+    # most 1 - amount; strict ">" keeps the lowest index among ties.
+    room = _ONE - amount
+    best = -1
+    best_used = None
+    for i in range(limit):
+        u = used[i]
+        if u <= room and (best_used is None or u > best_used):
+            best, best_used = i, u
+    return None if best < 0 else (best,)
+
+
 def _check_count(n_devices: object, call: str) -> int:
     if isinstance(n_devices, bool) or not isinstance(n_devices, numbers.Integral):
         whole = isinstance(n_devices, float) and n_devices.is_integer() and n_devices >= 0
@@ -258,7 +295,7 @@ def _as_amount(amount: object) -> Fraction:
         return amount  # type: ignore[return-value]  (an int is an exact Rational)
     if type(amount) is Fraction:
         n, d = amount.numerator, amount.denominator
-        if n >= 0 and (d == 1 or (n < d and n * _PRECISION >= d)):
+        if n >= 0 and (d == 1 or (n < d and _PRECISION % d == 0)):
             return amount
     return parse_gpu_amount(amount)
 
@@ -297,6 +334,9 @@ class DeviceLedger:
         self._lock = threading.Lock()
         self._used: list[Fraction] = [_ZERO] * n
         self._leases: dict[Hashable, Lease] = {}
+        # Slots at or above this index are being removed (a shrink waiting for them to come
+        # free): nothing new is placed there.
+        self._limit = n
 
     @property
     def n_devices(self) -> int:
@@ -319,29 +359,34 @@ class DeviceLedger:
 
     def _place(self, amount: Fraction) -> tuple[int, ...] | None:
         """Where ``amount`` would go now, or None; call with the lock held."""
-        used = self._used
-        if not amount:
-            return ()
-        if amount.denominator == 1:
-            k = amount.numerator
-            if k == 1:  # the common request: the first entirely free device (a C-level scan)
-                return (used.index(0),) if 0 in used else None
-            found = []
-            for i, u in enumerate(used):
-                if not u:
-                    found.append(i)
-                    if len(found) == k:
-                        return tuple(found)
-            return None
-        # Best fit: the fullest device that still fits, i.e. the largest used share that is at
-        # most 1 - amount; strict ">" keeps the lowest index among ties.
-        limit = _ONE - amount
-        best = -1
-        best_used = None
-        for i, u in enumerate(used):
-            if u <= limit and (best_used is None or u > best_used):
-                best, best_used = i, u
-        return None if best < 0 else (best,)
+        return _place(self._used, amount, self._limit)
+
+    def fits_when_drained(self, amount: Fraction, permanent: Iterable[Hashable]) -> bool:
+        """Whether ``amount`` would fit once every holder but ``permanent`` ones let go.
+
+        The starvation guard asks this: holding smaller work back for a waiting request
+        helps only if the running tasks, draining, make room for it; devices held by
+        ``permanent`` holders (actors) never drain.
+
+        Examples
+        --------
+        >>> ledger = DeviceLedger(2)
+        >>> _ = ledger.acquire("actor", Fraction(1))
+        >>> _ = ledger.acquire("task", Fraction(1))
+        >>> ledger.fits_when_drained(Fraction(2), permanent=["actor"])
+        False
+        >>> ledger.fits_when_drained(Fraction(1), permanent=["actor"])
+        True
+        """
+        amount = _as_amount(amount)
+        with self._lock:
+            used: list[Fraction] = [_ZERO] * len(self._used)
+            for holder in permanent:
+                lease = self._leases.get(holder)
+                if lease is not None:
+                    for i in lease.devices:
+                        used[i] += lease.amount
+            return _place(used, amount, self._limit) is not None
 
     def _take(self, holder: Hashable, amount: Fraction) -> Lease | None:
         """Lease ``amount`` to ``holder`` if it fits now; call with the lock held."""
@@ -461,7 +506,15 @@ class DeviceLedger:
                 else:
                     for i in lease.devices:
                         used[i] -= lease.amount
+                if self._limit < len(used):
+                    self._trim()
             return lease
+
+    def _trim(self) -> None:
+        """Drop the free slots above a pending shrink's size; call with the lock held."""
+        used = self._used
+        while len(used) > self._limit and not used[-1]:
+            used.pop()
 
     def lease(self, holder: Hashable) -> Lease | None:
         """The lease ``holder`` holds, or None."""
@@ -515,33 +568,53 @@ class DeviceLedger:
                     out[i][holder] = lease.amount
             return out
 
-    def resize(self, n_devices: int) -> None:
+    def resize(self, n_devices: int, *, wait: bool = False) -> bool:
         """Grow or shrink the number of device slots.
+
+        Parameters
+        ----------
+        n_devices
+            The new number of slots.
+        wait
+            When a slot that would go is held: ``False`` raises; ``True`` stops placing
+            anything on the slots that go and removes them as they come free.
+
+        Returns
+        -------
+        bool
+            Whether the ledger has its new size now (``False``: a shrink is waiting).
 
         Raises
         ------
         ValueError
-            If a device that would be removed is held, or ``n_devices`` is not a whole
-            number of zero or more.
+            If a device that would be removed is held (and not ``wait``), or ``n_devices``
+            is not a whole number of zero or more.
 
         Examples
         --------
         >>> ledger = DeviceLedger(2)
         >>> _ = ledger.acquire("a", Fraction(1, 2))
         >>> ledger.resize(3)
+        True
         >>> ledger.resize(0)
         Traceback (most recent call last):
         ...
         ValueError: cannot shrink to 0 devices while devices [0] are held (by ['a']); release them first or use resize(1)
+        >>> ledger.resize(0, wait=True), ledger.can_place(Fraction(1, 4)), ledger.n_devices
+        (False, False, 1)
+        >>> _ = ledger.release("a")
+        >>> ledger.n_devices
+        0
         """  # noqa: E501
         n = _check_count(n_devices, "resize")
         with self._lock:
             used = self._used
             if n >= len(used):
                 used.extend([_ZERO] * (n - len(used)))
-                return
+                self._limit = n
+                return True
             held = [i for i in range(n, len(used)) if used[i]]
-            if held:
+            if held and not wait:
                 by = sorted(
                     {repr(h) for h, lease in self._leases.items() if set(lease.devices) & set(held)}
                 )
@@ -549,4 +622,6 @@ class DeviceLedger:
                     f"cannot shrink to {n} devices while devices {held} are held "
                     f"(by [{', '.join(by)}]); release them first or use resize({held[-1] + 1})"
                 )
-            del used[n:]
+            self._limit = n
+            self._trim()
+            return len(used) == n

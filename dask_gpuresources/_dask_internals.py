@@ -11,7 +11,42 @@ from __future__ import annotations
 import importlib
 import inspect
 
-__all__ = ["INTERNALS", "missing_internals"]
+__all__ = [
+    "INTERNALS",
+    "missing_internals",
+    "register_event_handler",
+    "set_worker_extension",
+    "set_worker_handler",
+    "worker_extension",
+]
+
+
+def worker_extension(worker: object, name: str) -> object | None:
+    """``worker.extensions[name]``: state that lives as long as the worker (Dask calls each
+    extension's ``close()`` when the worker closes)."""
+    return worker.extensions.get(name)  # type: ignore[attr-defined]
+
+
+def set_worker_extension(worker: object, name: str, extension: object) -> None:
+    """Add ``extension`` to the worker's extensions (closed with the worker)."""
+    worker.extensions[name] = extension  # type: ignore[attr-defined]
+
+
+def set_worker_handler(worker: object, name: str, handler: object | None) -> None:
+    """Serve ``handler`` as the worker's RPC operation ``name`` (``None`` removes it)."""
+    handlers = worker.handlers  # type: ignore[attr-defined]
+    if handler is None:
+        handlers.pop(name, None)
+    else:
+        handlers[name] = handler
+
+
+def register_event_handler(event: type, handler: object) -> None:
+    """Teach ``WorkerState`` to handle a state-machine event of ours (a singledispatch
+    registration on ``WorkerState._handle_event``; events are only ever sent by us)."""
+    from distributed.worker_state_machine import WorkerState
+
+    WorkerState.__dict__["_handle_event"].register(event, handler)
 
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (

@@ -17,6 +17,7 @@ Everything here is pure and uses the standard library only.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -227,51 +228,118 @@ def _whole_count(count: int | float) -> int:
 
 
 def physical_ids(tokens: Sequence[str], uuid_index: Mapping[str, int] | None = None) -> list[int]:
-    """The integer id ``get_gpu_ids()`` reports for each slot's token.
+    """The integer id ``get_gpu_ids()`` reports for each slot's token; no two are equal.
 
-    The rule, for the token at position ``i``:
+    The rule:
 
-    1. an index token (``"3"``) is that physical index, ``3``;
-    2. a ``GPU-`` UUID token is ``uuid_index[token]`` when `uuid_index` has that UUID, or has
-       exactly one UUID that starts with the token (CUDA accepts such abbreviations);
-    3. anything else (``MIG-`` tokens, UUIDs `uuid_index` does not know, an ambiguous
-       abbreviation) is the slot's own position, ``i``.
+    1. an index token (``"3"``) is that physical index, ``3``, wherever it stands;
+    2. a ``GPU-`` UUID token is its GPU's physical index, ``uuid_index[uuid]``, when
+       `uuid_index` has that UUID, or has exactly one UUID that starts with the token (CUDA
+       accepts such abbreviations), and no index token and no earlier UUID token already has
+       that id (the same GPU listed twice, e.g. ``"2,GPU-..."`` naming GPU 2 both times);
+    3. every other token, in list order, gets the next integer after the highest id rules 1
+       and 2 gave, or counts from ``0`` when they gave none. These are ``MIG-`` instances
+       (they have no physical index of their own), UUIDs `uuid_index` does not know (all
+       UUIDs, without NVML), ambiguous abbreviations, and the second name of a GPU.
 
-    Rule 3 keeps the result a list of distinct-per-slot ints where no physical index exists:
-    a MIG instance has none, and without NVML a UUID cannot be resolved.
+    So a list of indices only, such as the unset variable's ``device_tokens(n, None)``, keeps
+    its indices, and a list of MIG instances only gets ``0, 1, ...``, the device numbers CUDA
+    gives them in a process that sees that list. An id from rule 3 stands for no physical
+    GPU and may equal the index of a GPU this worker does not list: the device's UUID
+    (:func:`dask_gpuresources._nvml.uuid_of`) is what names a device across workers.
 
     Parameters
     ----------
     tokens
-        One token per slot, as returned by :func:`device_tokens`.
+        One token per slot, as returned by :func:`device_tokens`, each device once.
     uuid_index
         GPU UUID to physical index, e.g. ``Detection.uuid_index`` from NVML detection.
 
     Returns
     -------
     list of int
-        One id per token, in the same order.
+        One id per token, in the same order, all distinct.
+
+    Raises
+    ------
+    ValueError
+        A token appears twice (also as ``"1"`` and ``"01"``).
+    TypeError
+        `tokens` is a string, or holds something other than strings.
 
     Examples
     --------
     >>> physical_ids(["2", "0"])
     [2, 0]
     >>> physical_ids(["GPU-8f3e", "GPU-aaaa"], {"GPU-8f3e1a2b-1c2d": 5})
-    [5, 1]
-    >>> physical_ids(["MIG-5c6d", "MIG-7e8f"])
+    [5, 6]
+
+    An index and a MIG instance (``CUDA_VISIBLE_DEVICES="1,MIG-..."``):
+
+    >>> physical_ids(["1", "MIG-5c6d7e8f"])
+    [1, 2]
+    >>> physical_ids(["MIG-5c6d7e8f", "1"], {"GPU-8f3e": 0, "GPU-0bad": 1})
+    [2, 1]
+
+    UUIDs NVML does not know, or no NVML at all:
+
+    >>> physical_ids(["MIG-5c6d7e8f", "GPU-ffff", "0"], {"GPU-8f3e": 0})
+    [1, 2, 0]
+    >>> physical_ids(["MIG-5c6d7e8f", "GPU-ffff"])
     [0, 1]
+    >>> physical_ids(["1", "0", "01"])  # doctest: +NORMALIZE_WHITESPACE
+    Traceback (most recent call last):
+    ...
+    ValueError: physical_ids needs each device once, got '01' after '1' in ['1', '0', '01'];
+    use physical_ids(['1', '0'])
     """
+    _check_tokens(tokens)
     index = {} if uuid_index is None else uuid_index
-    ids: list[int] = []
-    for i, token in enumerate(tokens):
-        if _is_index(token):
-            ids.append(int(token))
-        elif token.startswith("GPU-"):
+    ids: list[int | None] = [int(t) if _is_index(t) else None for t in tokens]
+    taken = {i for i in ids if i is not None}
+    for slot, token in enumerate(tokens):
+        if token.startswith("GPU-"):
             found = _lookup_uuid(token, index)
-            ids.append(i if found is None else found)
-        else:
-            ids.append(i)
-    return ids
+            if found is not None and found not in taken:
+                ids[slot] = found
+                taken.add(found)
+    fresh = itertools.count(max(taken, default=-1) + 1)
+    return [next(fresh) if found is None else found for found in ids]
+
+
+def _check_tokens(tokens: Sequence[str]) -> None:
+    if isinstance(tokens, str):
+        raise TypeError(
+            "physical_ids takes a list of CUDA_VISIBLE_DEVICES entries, got the string "
+            f"{tokens!r}; use physical_ids(parse_visible_devices({tokens!r}))"
+        )
+    seen: dict[str, str] = {}
+    for token in tokens:
+        if not isinstance(token, str):
+            fixed = [str(t) for t in tokens]
+            raise TypeError(
+                "physical_ids takes CUDA_VISIBLE_DEVICES entries as strings, got "
+                f"{token!r} in {list(tokens)!r}; use physical_ids({fixed!r})"
+            )
+        key = _device_key(token)
+        if key in seen:
+            raise ValueError(
+                f"physical_ids needs each device once, got {token!r} after {seen[key]!r} in "
+                f"{list(tokens)!r}; use physical_ids({_first_of_each(tokens)!r})"
+            )
+        seen[key] = token
+
+
+def _device_key(token: str) -> str:
+    # "1" and "01" name one device.
+    return str(int(token)) if _is_index(token) else token
+
+
+def _first_of_each(tokens: Sequence[str]) -> list[str]:
+    first: dict[str, str] = {}
+    for token in tokens:
+        first.setdefault(_device_key(token), token)
+    return list(first.values())
 
 
 def _lookup_uuid(token: str, uuid_index: Mapping[str, int]) -> int | None:

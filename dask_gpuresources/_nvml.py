@@ -13,6 +13,11 @@ exist, and how busy they are. Two backends implement it:
 :class:`Detection`: the devices the worker may use, as ``CUDA_VISIBLE_DEVICES`` entries, or
 zero devices with the reason why. It never raises for a missing GPU or a missing NVML.
 
+:func:`reading` and :func:`uuid_of` take such an entry (a *token*) and answer for the device
+it names, found the way CUDA and ``distributed.diagnostics.nvml`` find it: by index, by GPU
+UUID (or a unique abbreviation of one), or by MIG UUID. A slot number or the integer id
+``get_gpu_ids()`` reports is not a device index in general, so readings go by token.
+
 NVML numbers devices in PCI bus order and ignores ``CUDA_VISIBLE_DEVICES``; CUDA agrees
 with that numbering only under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
 """
@@ -36,6 +41,8 @@ __all__ = [
     "RealNVML",
     "default_backend",
     "detect",
+    "reading",
+    "uuid_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,7 +104,8 @@ class NVMLBackend(Protocol):
     """What the package asks of NVML.
 
     Every method raises :class:`NVMLUnavailable` when NVML cannot answer, including for an
-    index that names no device.
+    index that names no device; only :meth:`read` answers ``{}`` for a device NVML does not
+    have.
     """
 
     def devices(self) -> list[GPUDevice]:
@@ -116,10 +124,27 @@ class NVMLBackend(Protocol):
         """Bytes of GPU memory the process ``pid`` holds, summed over all GPUs."""
         ...
 
+    def read(self, token: str) -> dict[str, Any]:
+        """The readings of the device `token` names, ``{}`` if none; see :func:`reading`."""
+        ...
+
 
 def _text(value: str | bytes) -> str:
     # nvidia-ml-py before 11.515 returned bytes for names and UUIDs.
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _unless_unsupported(nvml: Any, query: Any, handle: Any) -> Any:
+    # As distributed.diagnostics.nvml: a reading the device does not offer is None.
+    try:
+        return query(handle)
+    except nvml.NVMLError_NotSupported:
+        return None
+
+
+def _is_index(token: str) -> bool:
+    # As _devices: isascii() too, since str.isdigit() accepts digits int() refuses.
+    return token.isascii() and token.isdigit()
 
 
 class RealNVML:
@@ -227,6 +252,52 @@ class RealNVML:
         except nvml.NVMLError as err:
             raise NVMLUnavailable(f"NVML could not read utilization of GPU {index}: {err}") from err
 
+    def read(self, token: str) -> dict[str, Any]:
+        nvml = self._nvml()
+        try:
+            handle = self._handle(nvml, token)
+            if handle is None:
+                return {}
+            # NVML keeps no utilization per MIG instance; its GPU's is the closest reading.
+            gpu = (
+                nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+                if token.startswith("MIG-")
+                else handle
+            )
+            memory = _unless_unsupported(nvml, nvml.nvmlDeviceGetMemoryInfo, handle)
+            busy = _unless_unsupported(nvml, nvml.nvmlDeviceGetUtilizationRates, gpu)
+            name = _unless_unsupported(nvml, nvml.nvmlDeviceGetName, handle)
+            return {
+                "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
+                "name": "" if name is None else _text(name),
+                "index": int(nvml.nvmlDeviceGetIndex(gpu)),
+                "memory_used": None if memory is None else int(memory.used),
+                "memory_total": None if memory is None else int(memory.total),
+                "utilization": None if busy is None else int(busy.gpu),
+            }
+        except nvml.NVMLError as err:
+            raise NVMLUnavailable(f"NVML could not read device {token!r}: {err}") from err
+
+    @staticmethod
+    def _handle(nvml: Any, token: str) -> Any:
+        """NVML's handle for the device `token` names, ``None`` when NVML has none."""
+        if _is_index(token):
+            if int(token) >= nvml.nvmlDeviceGetCount():
+                return None  # a logical device, declared beyond those NVML has
+            return nvml.nvmlDeviceGetHandleByIndex(int(token))
+        if not token.startswith(("GPU-", "MIG-")):
+            return None
+        try:
+            # bytes: nvidia-ml-py before 11.515 takes nothing else, later ones take both
+            return nvml.nvmlDeviceGetHandleByUUID(token.encode())
+        except (nvml.NVMLError_NotFound, nvml.NVMLError_InvalidArgument):
+            if not token.startswith("GPU-"):
+                return None
+        # NVML wants the whole UUID; CUDA also takes a unique abbreviation of a GPU's.
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        matches = [h for h in handles if _text(nvml.nvmlDeviceGetUUID(h)).startswith(token)]
+        return matches[0] if len(matches) == 1 else None
+
     def process_memory(self, pid: int) -> int:
         nvml = self._nvml()
         total = 0
@@ -252,9 +323,14 @@ class FakeNVML:
     unavailable
         When given, every method raises ``NVMLUnavailable(unavailable)``, as
         :class:`RealNVML` does on a machine without NVML.
-    memory_used, utilization
-        Initial readings per device index; 0 for devices not listed. Change them with
-        :meth:`set_memory_used` and :meth:`set_utilization`.
+    memory_used
+        Initial bytes in use per device; 0 for devices not listed. A key is a GPU's index or
+        UUID, or a MIG instance's UUID (an instance's memory is its own). Change them with
+        :meth:`set_memory_used`.
+    utilization
+        Initial percent busy per GPU, keyed by index or UUID; 0 for GPUs not listed. A MIG
+        instance reports its GPU's, as NVML keeps none per instance. Change them with
+        :meth:`set_utilization`.
     process_memory
         Initial GPU memory per process id; 0 for processes not listed. Change it with
         :meth:`set_process_memory`.
@@ -269,6 +345,9 @@ class FakeNVML:
     >>> nvml.set_memory_used(1, 2**30)
     >>> nvml.memory_used(1)
     1073741824
+    >>> nvml.set_utilization("GPU-00000001-fake-0000-0000-000000000000", 35)
+    >>> reading(nvml, "1")["utilization"]
+    35
     >>> FakeNVML(unavailable="nvidia-ml-py is not installed").devices()
     Traceback (most recent call last):
     ...
@@ -280,15 +359,28 @@ class FakeNVML:
         devices: Sequence[GPUDevice] = (),
         *,
         unavailable: str | None = None,
-        memory_used: Mapping[int, int] | None = None,
-        utilization: Mapping[int, int] | None = None,
+        memory_used: Mapping[int | str, int] | None = None,
+        utilization: Mapping[int | str, int] | None = None,
         process_memory: Mapping[int, int] | None = None,
     ) -> None:
         _check_distinct(devices)
         self._devices = sorted(devices, key=lambda d: d.index)
         self._unavailable = unavailable
-        self._memory_used = dict(memory_used or {})
-        self._utilization = dict(utilization or {})
+        # Keyed by GPU index, or by MIG UUID for an instance's memory.
+        self._memory_used: dict[int | str, int] = {}
+        self._utilization: dict[int | str, int] = {}
+        for readings, initial, what, example in (
+            (self._memory_used, memory_used, "memory_used", "2**30"),
+            (self._utilization, utilization, "utilization", "50"),
+        ):
+            for device, value in (initial or {}).items():
+                key = self._key(device, mig=what == "memory_used")
+                if key is None:
+                    raise ValueError(
+                        "FakeNVML readings must name a device it has (an index, a GPU UUID "
+                        f"or a MIG UUID), got {device!r}; use e.g. {what}={{0: {example}}}"
+                    )
+                readings[key] = value
         self._process_memory = dict(process_memory or {})
 
     @classmethod
@@ -317,15 +409,31 @@ class FakeNVML:
         self._check_index(index)
         return self._utilization.get(index, 0)
 
-    def set_memory_used(self, index: int, value: int) -> None:
-        """Make later :meth:`memory_used` calls for `index` return `value` bytes."""
-        self._check_index(index)
-        self._memory_used[index] = value
+    def read(self, token: str) -> dict[str, Any]:
+        self._check_available()
+        found = _find(self._devices, token)
+        if found is None:
+            return {}
+        gpu, mig = found
+        return {
+            "uuid": gpu.uuid if mig is None else mig.uuid,
+            "name": gpu.name,
+            "index": gpu.index,
+            "memory_used": self._memory_used.get(gpu.index if mig is None else mig.uuid, 0),
+            "memory_total": gpu.memory_total if mig is None else mig.memory_total,
+            "utilization": self._utilization.get(gpu.index, 0),
+        }
 
-    def set_utilization(self, index: int, value: int) -> None:
-        """Make later :meth:`utilization` calls for `index` return `value` percent."""
-        self._check_index(index)
-        self._utilization[index] = value
+    def set_memory_used(self, device: int | str, value: int) -> None:
+        """Make later readings of `device` (an index, GPU UUID or MIG UUID) say `value` bytes."""
+        self._memory_used[self._known_key(device, mig=True)] = value
+
+    def set_utilization(self, device: int | str, value: int) -> None:
+        """Make later readings of GPU `device` (an index or UUID) say `value` percent busy.
+
+        Its MIG instances report it too: NVML keeps no utilization per instance.
+        """
+        self._utilization[self._known_key(device, mig=False)] = value
 
     def process_memory(self, pid: int) -> int:
         self._check_available()
@@ -345,6 +453,33 @@ class FakeNVML:
         if all(d.index != index for d in self._devices):
             known = [d.index for d in self._devices]
             raise NVMLUnavailable(f"no GPU has index {index}; this FakeNVML has {known}")
+
+    def _known_key(self, device: int | str, *, mig: bool) -> int | str:
+        self._check_available()
+        if isinstance(device, int):
+            self._check_index(device)
+        key = self._key(device, mig=mig)
+        if key is None:
+            known = [d.uuid for d in self._devices]
+            raise NVMLUnavailable(f"no device is {device!r}; this FakeNVML has {known}")
+        return key
+
+    def _key(self, device: int | str, *, mig: bool) -> int | str | None:
+        """Where the readings of `device` are kept: its GPU index, or its MIG UUID."""
+        if isinstance(device, bool) or not isinstance(device, (int, str)):
+            return None
+        found = _find(self._devices, str(device))
+        if found is None:
+            return None
+        gpu, instance = found
+        if instance is None:
+            return gpu.index
+        if not mig:
+            raise ValueError(
+                f"NVML has no utilization per MIG instance, got {device!r}; set its GPU's: "
+                f"set_utilization({gpu.index}, 50)"
+            )
+        return instance.uuid
 
 
 def _check_distinct(devices: Sequence[GPUDevice]) -> None:
@@ -439,9 +574,7 @@ def detect(backend: NVMLBackend, visible: list[str] | None) -> Detection:
         reason = None if tokens else "NVML reports no GPU"
         return Detection(tokens, reason=reason, uuid_index=uuid_index)
 
-    indices = {str(d.index) for d in devices}
-    mig_uuids = [m.uuid for d in devices for m in d.mig]
-    known = [e for e in visible if _known(e, indices, list(uuid_index), mig_uuids)]
+    known = [e for e in visible if _find(devices, e) is not None]
     unknown = tuple(e for e in visible if e not in known)
     reason = None
     if not known:
@@ -452,12 +585,134 @@ def detect(backend: NVMLBackend, visible: list[str] | None) -> Detection:
     return Detection(tuple(known), reason=reason, uuid_index=uuid_index, unknown=unknown)
 
 
-def _known(entry: str, indices: set[str], gpu_uuids: list[str], mig_uuids: list[str]) -> bool:
-    if entry.startswith("GPU-"):
-        return entry in gpu_uuids or sum(u.startswith(entry) for u in gpu_uuids) == 1
-    if entry.startswith("MIG-"):
-        return entry in mig_uuids
-    return entry in indices
+def _find(devices: Sequence[GPUDevice], token: str) -> tuple[GPUDevice, MIGDevice | None] | None:
+    """The GPU, and MIG instance if any, that `token` names among `devices`; ``None`` if none.
+
+    An index names the GPU with that NVML index; a ``GPU-`` UUID the GPU with that UUID, or
+    the only one whose UUID starts with it; a ``MIG-`` UUID the instance with exactly that
+    UUID.
+    """
+    if _is_index(token):
+        return next(((d, None) for d in devices if d.index == int(token)), None)
+    if token.startswith("MIG-"):
+        return next(((d, m) for d in devices for m in d.mig if m.uuid == token), None)
+    if token.startswith("GPU-"):
+        matches = [d for d in devices if d.uuid == token] or [
+            d for d in devices if d.uuid.startswith(token)
+        ]
+        return (matches[0], None) if len(matches) == 1 else None
+    return None
+
+
+def reading(backend: NVMLBackend, token: str) -> dict[str, Any]:
+    """NVML's readings for the device a ``CUDA_VISIBLE_DEVICES`` entry names.
+
+    Parameters
+    ----------
+    backend
+        Where to ask, e.g. :func:`default_backend` or a :class:`FakeNVML`.
+    token
+        One of a worker's device tokens (:attr:`Detection.tokens`): an index in NVML's
+        numbering (``"1"``), a GPU's UUID or a unique abbreviation of it (``"GPU-8f3e"``), or
+        a MIG instance's UUID (``"MIG-..."``). Never a slot number or a ``get_gpu_ids()`` id:
+        those are indices only for a worker whose tokens are all indices.
+
+    Returns
+    -------
+    dict
+        ``{}`` when NVML knows no device by `token` (a logical device declared beyond those
+        detected, a UUID from another machine, an ambiguous abbreviation). Otherwise:
+
+        - ``"uuid"`` (str): the device's whole UUID, a MIG instance's own for a ``MIG-`` token;
+        - ``"name"`` (str): its product name;
+        - ``"index"`` (int): NVML's index of the physical GPU, for a MIG instance its GPU's;
+        - ``"memory_used"``, ``"memory_total"`` (int bytes): the device's memory, a MIG
+          instance's own;
+        - ``"utilization"`` (int percent): how busy the GPU was; for a MIG instance its GPU's,
+          as NVML keeps none per instance.
+
+        A reading the device does not offer (NVML says "not supported") is ``None``.
+
+    Raises
+    ------
+    NVMLUnavailable
+        NVML cannot answer at all (no library, no driver, a GPU lost).
+    TypeError
+        `token` is not a string.
+
+    Examples
+    --------
+    >>> mig = MIGDevice("MIG-0a1", memory_total=5 * 2**30)
+    >>> nvml = FakeNVML(
+    ...     [GPUDevice(0, "GPU-0a", mig=(mig,)), GPUDevice(1, "GPU-1b")],
+    ...     memory_used={"MIG-0a1": 2**30, 1: 7 * 2**30},
+    ...     utilization={0: 30, 1: 60},
+    ... )
+    >>> reading(nvml, "1")["memory_used"], reading(nvml, "GPU-1b")["memory_used"]
+    (7516192768, 7516192768)
+    >>> reading(nvml, "MIG-0a1")  # doctest: +NORMALIZE_WHITESPACE
+    {'uuid': 'MIG-0a1', 'name': 'fake', 'index': 0, 'memory_used': 1073741824,
+     'memory_total': 5368709120, 'utilization': 30}
+    >>> reading(nvml, "7")
+    {}
+    >>> reading(nvml, 1)  # doctest: +NORMALIZE_WHITESPACE
+    Traceback (most recent call last):
+    ...
+    TypeError: reading takes a CUDA_VISIBLE_DEVICES entry as a string, got 1;
+    use reading(backend, '1')
+    """
+    _check_token(token, "reading")
+    return backend.read(token)
+
+
+def uuid_of(backend: NVMLBackend, token: str) -> str | None:
+    """The whole UUID of the device `token` names, ``None`` when NVML cannot tell.
+
+    Two tokens name one device exactly when their UUIDs are equal (``"0"``, ``"GPU-8f3e"``
+    and the whole UUID may all be GPU 0). A MIG instance has its own UUID, not its GPU's.
+
+    Parameters
+    ----------
+    backend
+        Where to ask, e.g. :func:`default_backend` or a :class:`FakeNVML`.
+    token
+        As for :func:`reading`.
+
+    Returns
+    -------
+    str or None
+        The UUID; ``None`` when NVML knows no device by `token` or cannot answer at all.
+
+    Raises
+    ------
+    TypeError
+        `token` is not a string.
+
+    Examples
+    --------
+    >>> nvml = FakeNVML.with_gpus(2)
+    >>> uuid_of(nvml, "1")
+    'GPU-00000001-fake-0000-0000-000000000000'
+    >>> uuid_of(nvml, "GPU-00000001") == uuid_of(nvml, "1")
+    True
+    >>> uuid_of(nvml, "2") is None
+    True
+    >>> uuid_of(FakeNVML(unavailable="no driver"), "0") is None
+    True
+    """
+    _check_token(token, "uuid_of")
+    try:
+        return backend.read(token).get("uuid")
+    except NVMLUnavailable:
+        return None
+
+
+def _check_token(token: object, function: str) -> None:
+    if not isinstance(token, str):
+        raise TypeError(
+            f"{function} takes a CUDA_VISIBLE_DEVICES entry as a string, got {token!r}; "
+            f"use {function}(backend, {str(token)!r})"
+        )
 
 
 _default: RealNVML | None = None

@@ -1,192 +1,56 @@
 """The worker side: concrete device leases for every GPU task a Dask worker runs.
 
-Dask's worker state machine already decides *when* a resource-restricted task may start
-(``available_resources``). This module makes that decision per device and names the
-devices:
-
-- :class:`GPUWorkerPlugin` owns one :class:`~dask_gpuresources._allocator.DeviceLedger` per
-  worker, maps its slots to the worker's own ``CUDA_VISIBLE_DEVICES``, and publishes the
-  leases with the heartbeat.
-- The worker's ``WorkerState`` gains :class:`GPUAdmission` as a mixin (swapped in place by the
-  plugin, see ``_dask_internals``): a GPU task is admitted only when the ledger can place it on
-  concrete devices now, leased at the moment Dask acquires its resources, and freed where Dask
-  releases them. A task that does not fit does not block smaller ones that do.
+- :class:`WorkerDevices` is the device state of one worker (ledger, device tokens and ids,
+  warm isolated children, actor holds and finalizers). It is created once per worker and
+  outlives any plugin instance: Dask replaces a worker plugin registered again under the
+  same name, and the new instance adopts the state that is there.
+- :class:`GPUWorkerPlugin` wires it in: sizes the ledger from the declared (or detected)
+  count, maps its slots to the worker's own ``CUDA_VISIBLE_DEVICES``, installs per-device
+  admission (:mod:`._admission`) and publishes the leases with the heartbeat.
 - :func:`lease_of_running_task` finds the lease of a thread-pool task for
   :func:`~dask_gpuresources.get_gpu_ids`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from collections.abc import Hashable
 from fractions import Fraction
+from time import monotonic as time
 from typing import Any
 
-import dask.config
 from dask.utils import parse_bytes, parse_timedelta
 from distributed import WorkerPlugin
 from distributed.core import Status
 from distributed.worker import get_worker, thread_state
-from distributed.worker_state_machine import TaskState, WorkerState, merge_recs_instructions
+from distributed.worker_state_machine import TaskState, WorkerState
 
-from . import _config  # noqa: F401  (registers the config defaults)
-from ._allocator import DeviceLedger, InvalidRequestError, parse_gpu_amount
+from . import _config, _dask_internals, _nvml
+from ._admission import GPU, DevicesFreed, admission_class, gpu_amount
+from ._allocator import DeviceLedger
 from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
 from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun, parse_max_calls
 from ._nvml import NVMLBackend, default_backend, detect
 from .exceptions import DeviceCountError, NoLeaseError
 
-__all__ = ["GPU", "PLUGIN_NAME", "GPUWorkerPlugin", "get_gpu_ids", "lease_of_running_task"]
+__all__ = [
+    "GPU",
+    "PLUGIN_NAME",
+    "GPUWorkerPlugin",
+    "WorkerDevices",
+    "devices_of",
+    "get_gpu_ids",
+    "gpu_amount",
+    "lease_of_running_task",
+]
 
 # A child of "distributed" so that our lines appear in worker and scheduler logs with
 # Dask's own format and levels (the logging.distributed config).
 logger = logging.getLogger("distributed.gpuresources")
 
-#: The Dask resource name that stands for GPUs.
-GPU = "GPU"
 #: Name of the worker plugin (and of the worker's RPC handler).
 PLUGIN_NAME = "gpuresources"
-
-
-@functools.lru_cache(maxsize=1024)
-def _cached_amount(value: Any) -> Fraction | int | None:
-    try:
-        amount = parse_gpu_amount(value)
-    except InvalidRequestError:
-        # The scheduler plugin rejects these at submission; a worker without it leaves the
-        # task to Dask's own accounting rather than failing it here.
-        return None
-    # A whole number of devices as a plain int: the ledger's whole-device path then does
-    # integer arithmetic only (Fraction's operators are Python code, run for every task).
-    return amount.numerator if amount.denominator == 1 else amount
-
-
-def gpu_amount(restrictions: dict | None) -> Fraction | int | None:
-    """The GPU amount a task requests, exact (an int when whole), or None if it asks none."""
-    if not restrictions:
-        return None
-    value = restrictions.get(GPU)
-    if value is None:
-        return None
-    try:
-        return _cached_amount(value)
-    except TypeError:  # unhashable
-        return None
-
-
-class GPUAdmission(WorkerState):
-    """Per-device admission for Dask's worker state machine (a mixin, no state of its own).
-
-    The ledger lives on the plugin, reached through ``self.plugins`` (shared with the
-    Worker), because ``WorkerState`` uses ``__slots__``. These methods run for every task on
-    the worker's event loop, so each looks the plugin up once and calls as little as it can.
-    """
-
-    __slots__ = ()
-
-    def _resource_restrictions_satisfied(self, ts: TaskState) -> bool:
-        if not super()._resource_restrictions_satisfied(ts):
-            return False
-        amount = gpu_amount(ts.resource_restrictions)
-        if not amount:
-            return True
-        ledger = getattr(self.plugins.get(PLUGIN_NAME), "ledger", None)
-        return ledger is None or ledger.can_place(amount)
-
-    def _acquire_resources(self, ts: TaskState) -> None:
-        super()._acquire_resources(ts)
-        plugin = self.plugins.get(PLUGIN_NAME)
-        if plugin is None or plugin.ledger is None:
-            return
-        amount = gpu_amount(ts.resource_restrictions)
-        if amount is not None and plugin.ledger.try_acquire(ts.key, amount) is None:
-            # admitted by stock Dask before the plugin knew the task
-            logger.warning("Task %r started without a device lease: no device fits", ts.key)
-        annotations = ts.annotations
-        if (annotations and "isolation" in annotations) or (
-            amount and plugin._isolation == "process"
-        ):
-            plugin.route(ts)
-
-    def _release_resources(self, ts: TaskState) -> None:
-        super()._release_resources(ts)
-        ledger = getattr(self.plugins.get(PLUGIN_NAME), "ledger", None)
-        if ledger is None:
-            return
-        key = ts.key
-        if key in self.actors and key in ledger:
-            # An actor keeps its devices from construction until it goes away. Dask's own
-            # books count them free again once the constructor returns (its invariant: only
-            # running tasks hold resources); the ledger, which admits GPU tasks, does not.
-            self.plugins[PLUGIN_NAME].actor_holds[key] = ts.resource_restrictions[GPU]
-            return
-        ledger.release(key)
-
-    def _end_actor_hold(self, plugin: GPUWorkerPlugin, ts: TaskState, result: Any) -> Any:
-        """After a release transition of the GPU actor ``ts``: free its devices."""
-        recs, instructions = result
-        plugin.actor_holds.pop(ts.key)
-        plugin.ledger.release(ts.key)
-        plugin.actor_released(ts.key)
-        # The devices are free now: start what waits for them in this same stimulus.
-        return merge_recs_instructions((recs, instructions), self._ensure_computing())
-
-    def _next_ready_task(self) -> TaskState | None:
-        # Dask's own choice first: it takes the head of the constrained heap when it fits
-        # (asking _resource_restrictions_satisfied above), else a ready task.
-        ts = super()._next_ready_task()
-        if ts is not None or not self.constrained:
-            return ts
-        # The head of the heap does not fit and nothing else is ready: a smaller GPU task
-        # behind it may fit (no head-of-line blocking).
-        plugin = self.plugins.get(PLUGIN_NAME)
-        if plugin is None or plugin.ledger is None:
-            return None
-        candidate = plugin.pick_constrained(self)
-        if candidate is not None:
-            if candidate is self.constrained.peek():
-                self.constrained.pop()  # keeps the heap free of stale entries
-            else:
-                self.constrained.discard(candidate)
-        return candidate
-
-
-def _wrap_release(transition: Any) -> Any:
-    def wrapped(self: GPUAdmission, ts: TaskState, *args: Any, **kwargs: Any) -> Any:
-        result = transition(self, ts, *args, **kwargs)
-        plugin = self.plugins.get(PLUGIN_NAME)
-        holds = getattr(plugin, "actor_holds", None)
-        # The common case, answered without another call: no GPU actor ends here.
-        if not holds or ts.key not in holds or ts.state == "memory":
-            return result
-        return self._end_actor_hold(plugin, ts, result)
-
-    wrapped.__name__ = transition.__name__
-    return wrapped
-
-
-# Every way a task leaves "memory" or "executing" (released, erred, forgotten) ends an
-# actor's hold on its devices.
-GPUAdmission._TRANSITIONS_TABLE = {
-    (start, finish): (
-        _wrap_release(fn)
-        if finish in ("released", "error", "forgotten") and start != "released"
-        else fn
-    )
-    for (start, finish), fn in WorkerState._TRANSITIONS_TABLE.items()
-}
-
-
-@functools.cache
-def _admission_class(base: type[WorkerState]) -> type[WorkerState]:
-    if issubclass(base, GPUAdmission):
-        return base
-    if base is WorkerState:
-        return GPUAdmission
-    return type(f"GPU{base.__name__}", (GPUAdmission, base), {"__slots__": ()})
 
 
 def _declared_gpus(state: WorkerState) -> float | None:
@@ -197,12 +61,497 @@ def _declared_gpus(state: WorkerState) -> float | None:
     return state.total_resources.get(GPU)
 
 
+def _whole_count(declared: float, *, what: str) -> int:
+    if declared < 0 or declared != int(declared):
+        raise DeviceCountError(
+            f"a worker's GPU count must be a whole number of devices, got GPU={declared!r}; "
+            f"use {what}"
+        )
+    return int(declared)
+
+
+class WorkerDevices:
+    """The device state of one worker: created once, adopted by every plugin instance.
+
+    It holds the ledger, the device tokens and ids, the isolated executor (warm children),
+    the actors' device holds and finalizers. It lives in ``worker.extensions`` and as a class
+    attribute of the worker's ``WorkerState`` class (see :mod:`._admission`), so a worker
+    plugin registered again under the same name (Dask replaces it) changes nothing here;
+    only the worker's close ends it.
+
+    Use :meth:`attach` rather than the constructor.
+    """
+
+    def __init__(self, worker: Any, *, detect: bool, nvml: NVMLBackend | None) -> None:
+        self.worker = worker
+        self.detect = detect
+        self.nvml = nvml
+        self.ledger = DeviceLedger(0)
+        self.ids: tuple[int, ...] = ()
+        self.tokens: tuple[str, ...] = ()
+        self.uuids: tuple[str | None, ...] = ()
+        self.executor: IsolatedExecutor | None = None
+        #: actor key -> GPU amount it holds for life
+        self.actor_holds: dict[Hashable, Any] = {}
+        #: actor key -> callable that ends the actor's resources (its child, its thread);
+        #: it may return a future that is done once the actor's running method returns
+        self.finalizers: dict[Hashable, Any] = {}
+        #: every actor key with a hold or a finalizer: checked on each of its transitions
+        self.actors: set[Hashable] = set()
+        self._isolation = "thread"
+        self._max_calls = 0
+        self._bypass_limit = 10.0
+        self._blocked: tuple[Hashable, float] | None = None
+        self._readings: NVMLBackend | None = None  # NVML, when it sees this worker's GPUs
+        self._uuid_index: dict[str, int] = {}
+        self._count = 0  # the GPU count the ledger is sized for
+        # GPU held by running tasks as Dask's books count it (exact): Dask's float
+        # available_resources["GPU"] is set from it, so it never drifts.
+        self._book_used: Fraction | int = 0
+        self._original_state_class: type[WorkerState] | None = None
+        self._original_set_resources: Any = None
+        self.closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    async def attach(
+        cls, worker: Any, *, detect: bool = False, nvml: NVMLBackend | None = None
+    ) -> WorkerDevices:
+        """The worker's device state: the existing one, or a new one installed now."""
+        existing = _dask_internals.worker_extension(worker, PLUGIN_NAME)
+        if isinstance(existing, WorkerDevices) and not existing.closed:
+            return existing
+        devices = cls(worker, detect=detect, nvml=nvml)
+        await devices._install()
+        return devices
+
+    async def _install(self) -> None:
+        worker = self.worker
+        self._bypass_limit = parse_timedelta(
+            _config.get("gpuresources.worker.bypass-limit"), default="s"
+        )
+        state = worker.state
+        declared = _declared_gpus(state)
+        count, tokens, uuid_index = self._resolve_devices(declared)
+        self._uuid_index = uuid_index
+        self._set_devices(count, tokens)
+        if declared is not None or count:
+            # A worker that declares no GPU (and detects none) stays exactly as Dask made it.
+            if declared != count:
+                await self._set_gpu_count(count)
+        self._count = count
+
+        self._original_state_class = type(state)
+        state.__class__ = admission_class(type(state), self)
+        self._lease_running_tasks(state)
+        self._setup_isolation(worker)
+        _dask_internals.set_worker_extension(worker, PLUGIN_NAME, self)
+        worker.metrics[PLUGIN_NAME] = self._heartbeat
+        _dask_internals.set_worker_handler(worker, PLUGIN_NAME, self.snapshot)
+        # Runtime Worker.set_resources(GPU=n) resizes the ledger (or is refused).
+        self._original_set_resources = worker.set_resources
+        worker.set_resources = self._set_resources
+        if count:
+            logger.info(
+                "Worker %s hands out %d GPU(s): %s", worker.address, count, ",".join(tokens)
+            )
+        await self._announce()
+
+    async def _announce(self) -> None:
+        """Tell the scheduler which devices this worker hands out (overlap detection)."""
+        worker = self.worker
+        if not self.tokens or worker.status not in (Status.running, Status.paused):
+            return  # not registered yet: the scheduler reads them from the heartbeat
+        try:
+            await worker.scheduler.gpuresources_devices(
+                worker=worker.address, tokens=list(self.tokens), uuids=list(self.uuids)
+            )
+        except Exception as err:  # a scheduler without the plugin
+            logger.debug("Could not announce devices to the scheduler: %s", err)
+
+    def close(self) -> None:
+        """End the device state (worker close): actors finalized, children ended."""
+        if self.closed:
+            return
+        self.closed = True
+        for key in list(self.finalizers):
+            self._finalize(key)
+        worker = self.worker
+        worker.metrics.pop(PLUGIN_NAME, None)
+        _dask_internals.set_worker_handler(worker, PLUGIN_NAME, None)
+        if self._original_set_resources is not None:
+            worker.__dict__.pop("set_resources", None)
+        if self.executor is not None:
+            if worker.executors.get(EXECUTOR_NAME) is self.executor:
+                del worker.executors[EXECUTOR_NAME]
+            self.executor.shutdown(wait=False)
+            self.executor = None
+
+    def _setup_isolation(self, worker: Any) -> None:
+        mode = _config.get("gpuresources.isolation.mode")
+        if mode not in ("thread", "process"):
+            raise ValueError(
+                f"gpuresources.isolation.mode must be 'thread' or 'process', got {mode!r}; "
+                "use DASK_GPURESOURCES__ISOLATION__MODE=process"
+            )
+        self._isolation = mode
+        self._max_calls = parse_max_calls(_config.get("gpuresources.isolation.max-calls"))
+        memory = _config.get("gpuresources.isolation.recycle-gpu-memory")
+        memory = None if memory is None else parse_bytes(memory)
+        self.executor = IsolatedExecutor(
+            resolve=self._isolated_run,
+            worker_address=lambda: worker.address,
+            max_workers=max(2 * worker.state.nthreads, 4),
+            idle_timeout=parse_timedelta(
+                _config.get("gpuresources.isolation.idle-timeout"), default="s"
+            ),
+            spare=bool(_config.get("gpuresources.isolation.spare")),
+            preload=_config.get("gpuresources.isolation.preload"),
+            nvml=None if memory is None else (self.nvml or default_backend()),
+            recycle_gpu_memory=memory,
+        )
+        worker.executors[EXECUTOR_NAME] = self.executor
+
+    def _resolve_devices(self, declared: float | None) -> tuple[int, list[str], dict[str, int]]:
+        visible = visible_devices()
+        if declared is None:
+            if not self.detect:
+                return 0, [], {}
+            found = detect(self.nvml or default_backend(), visible)
+            if found.reason:
+                logger.info("No GPUs detected, so this worker offers no GPU: %s", found.reason)
+            else:
+                self._readings = self.nvml or default_backend()
+            return found.count, list(found.tokens), dict(found.uuid_index)
+
+        count = _whole_count(declared, what=f"--resources GPU={max(int(declared), 0)}")
+        tokens = device_tokens(count, visible)
+        uuid_index: dict[str, int] = {}
+        if count:
+            found = detect(self.nvml or default_backend(), visible)
+            uuid_index = dict(found.uuid_index)
+            if found.reason is None:
+                self._readings = self.nvml or default_backend()
+            if found.reason is None and count > found.count:
+                logger.warning(
+                    "This worker declares GPU=%d but NVML sees %d device(s); the extra %d are "
+                    "logical devices for scheduling only",
+                    count,
+                    found.count,
+                    count - found.count,
+                )
+        return count, tokens, uuid_index
+
+    def _set_devices(self, count: int, tokens: list[str]) -> None:
+        self.tokens = tuple(tokens)
+        self.ids = tuple(physical_ids(tokens, self._uuid_index))
+        backend = self._readings
+        self.uuids = tuple(
+            _nvml_uuid(backend, token) if backend is not None else None for token in tokens
+        )
+        self.ledger.resize(count, wait=True)
+
+    async def _set_gpu_count(self, count: int) -> None:
+        state = self.worker.state
+        if self.worker.status in (Status.running, Status.paused):
+            await self._original_set_resources_or_worker(**{GPU: count})
+        else:  # not registered yet: the scheduler learns the count at registration
+            old = state.total_resources.get(GPU, 0)
+            state.total_resources[GPU] = count
+            state.available_resources[GPU] = state.available_resources.get(GPU, 0) + count - old
+
+    async def _original_set_resources_or_worker(self, **resources: float) -> None:
+        original = self._original_set_resources or self.worker.set_resources
+        await original(**resources)
+
+    async def _set_resources(self, **resources: float) -> None:
+        """``Worker.set_resources``, with ``GPU=n`` resizing the ledger too."""
+        value = resources.get(GPU, resources.get("gpu"))
+        if value is None:
+            return await self._original_set_resources(**resources)
+        if "gpu" in resources:
+            resources[GPU] = resources.pop("gpu")
+        count = _whole_count(value, what=f"set_resources(GPU={max(int(value), 0)})")
+        await self._original_set_resources(**resources)
+        self._resize(count)
+
+    def _resize(self, count: int) -> None:
+        if count == self._count:
+            return
+        tokens = device_tokens(count, visible_devices()) if count > len(self.tokens) else []
+        tokens = list(self.tokens[:count]) + tokens[len(self.tokens) :]
+        # Slots that go are not handed out any more; they leave the ledger as they come free.
+        self._set_devices(count, tokens if count >= len(self.tokens) else list(self.tokens))
+        self.ledger.resize(count, wait=True)
+        self._count = count
+        self._sync_book()
+        logger.info("Worker %s now hands out %d GPU(s)", self.worker.address, count)
+        self.worker.handle_stimulus(DevicesFreed(stimulus_id=f"gpuresources-resize-{time()}"))
+
+    def _lease_running_tasks(self, state: WorkerState) -> None:
+        for ts in list(state.executing | state.long_running):
+            amount = gpu_amount(ts.resource_restrictions)
+            if amount is None:
+                continue
+            self._book_used += amount
+            if ts.key in self.ledger:
+                continue
+            if self.ledger.try_acquire(ts.key, amount) is None:
+                logger.warning(
+                    "Task %r was already running with GPU=%s when the plugin started and "
+                    "no free device can hold it; it runs without a device lease",
+                    ts.key,
+                    ts.resource_restrictions.get(GPU),
+                )
+
+    # -- admission (called by GPUAdmission on the worker's event loop) -----------------------
+
+    def can_place(self, amount: Fraction | int) -> bool:
+        """Whether the ledger can place ``amount`` now."""
+        return self.ledger.can_place(amount)
+
+    def acquire(self, ts: TaskState, amount: Fraction | int) -> None:
+        """Lease devices to ``ts`` as Dask acquires its resources."""
+        self._book_used += amount
+        self._sync_book()
+        if self.ledger.try_acquire(ts.key, amount) is None:
+            # admitted by stock Dask before the plugin knew the task
+            logger.warning("Task %r started without a device lease: no device fits", ts.key)
+
+    def release(self, ts: TaskState, amount: Fraction | int, *, actor: bool) -> None:
+        """Free ``ts``'s devices as Dask releases its resources; an actor keeps them."""
+        self._book_used -= amount
+        self._sync_book()
+        key = ts.key
+        if actor and key in self.ledger and (ts.state == "executing" or key in self.finalizers):
+            # An actor keeps its devices from construction until it goes away (the next
+            # transition ends the hold if it did not construct, or was cancelled meanwhile).
+            # Dask's own books count them free once the constructor returns; the ledger,
+            # which admits GPU tasks, does not.
+            self.actor_holds[key] = amount
+            self.actors.add(key)
+            return
+        self.ledger.release(key)
+
+    def _sync_book(self) -> None:
+        # Dask's float view of GPU, from exact numbers: total minus what running tasks hold.
+        state = self.worker.state
+        total = state.total_resources.get(GPU)
+        if total is not None:
+            state.available_resources[GPU] = float(Fraction(total) - self._book_used)
+
+    def on_actor_release(self, key: Hashable, finalizer: Any) -> None:
+        """Call ``finalizer()`` when the actor ``key`` goes away (released, killed, lost).
+
+        ``finalizer`` may return a future that is done once the actor's running method
+        returns; its devices stay leased until then.
+        """
+        self.finalizers[key] = finalizer
+        self.actors.add(key)
+
+    def actor_gone(self, key: Hashable) -> bool:
+        """The actor ``key`` is no longer live here: finalize it and end its hold.
+
+        Returns whether devices came free now (else later, or none were held).
+        """
+        self.actors.discard(key)
+        drained = self._finalize(key)
+        amount = self.actor_holds.pop(key, None)
+        if amount is None:
+            if key in self.ledger and drained is None:
+                self.ledger.release(key)
+                return True
+            return False
+        if drained is not None and not drained.done():
+            # A thread-mode actor's method is still running on its device: the lease
+            # stays until it returns.
+            loop = self.worker.loop
+
+            def done(_: Any) -> None:
+                loop.add_callback(self._drained, key)
+
+            drained.add_done_callback(done)
+            return False
+        self.ledger.release(key)
+        return True
+
+    def _drained(self, key: Hashable) -> None:
+        if self.ledger.release(key) is not None and not self.closed:
+            self.worker.handle_stimulus(DevicesFreed(stimulus_id=f"gpuresources-drained-{time()}"))
+
+    def _finalize(self, key: Hashable) -> Any:
+        finalizer = self.finalizers.pop(key, None)
+        if finalizer is None:
+            return None
+        try:
+            return finalizer()
+        except Exception:
+            logger.exception("Ending actor %r failed", key)
+            return None
+
+    def cancelled(self, key: Hashable) -> None:
+        """``key`` was cancelled while executing: end its isolated child, if it has one."""
+        if self.executor is not None:
+            self.executor.abort(key, "was cancelled")
+
+    def pick_constrained(self, state: WorkerState) -> TaskState | None:
+        """The highest-priority constrained task that can start now, if any.
+
+        The head of the heap goes first when it fits. When it does not, later tasks that
+        fit may pass it, until it has waited ``gpuresources.worker.bypass-limit``; from then
+        on nothing passes it while running tasks, draining, would make room for it. Devices
+        held by actors never drain: a head that only fits once an actor goes does not hold
+        smaller work back.
+        """
+        head = state.constrained.peek()
+        if state._resource_restrictions_satisfied(head):
+            self._blocked = None
+            return head
+        smallest_misfit = gpu_amount(head.resource_restrictions)
+        now = time()
+        if self._blocked is None or self._blocked[0] != head.key:
+            self._blocked = (head.key, now)
+        elif now - self._blocked[1] > self._bypass_limit and (
+            smallest_misfit is None
+            or self.ledger.fits_when_drained(smallest_misfit, permanent=self.actor_holds)
+        ):
+            return None
+
+        if smallest_misfit is not None and self.ledger.all_taken():
+            return None
+        for ts in state.constrained.sorted():
+            if ts is head:
+                continue
+            amount = gpu_amount(ts.resource_restrictions)
+            # Placement is monotonic in the amount: what did not fit excludes anything larger.
+            if amount is not None and smallest_misfit is not None and amount >= smallest_misfit:
+                continue
+            if state._resource_restrictions_satisfied(ts):
+                return ts
+            if amount is not None:
+                smallest_misfit = amount
+        return None
+
+    # -- isolation ---------------------------------------------------------------------------
+
+    def route(self, ts: TaskState, amount: Fraction | int | None) -> None:
+        """Send ``ts`` to the isolated executor if it (or the worker's config) asks for it.
+
+        An explicit ``executor`` annotation wins; actors and async tasks always run in the
+        worker (an actor must live there; an async task runs on its event loop). The
+        worker's ``gpuresources.isolation.mode`` applies to GPU tasks; a task annotated
+        ``isolation="process"`` is isolated even without a GPU (it then sees none).
+        """
+        annotations = ts.annotations or {}
+        mode = annotations.get("isolation")
+        if mode is None:  # most tasks: decided by the worker's mode (thread by default)
+            if self._isolation != "process" or not amount:
+                return
+        elif mode != "process":
+            return
+        if "executor" in annotations or self.executor is None or ts.key in self.worker.state.actors:
+            return
+        if ts.run_spec is None or getattr(ts.run_spec, "is_coro", False):
+            return
+        ts.annotations = {**annotations, "executor": EXECUTOR_NAME}
+
+    def _isolated_run(self, key: Hashable) -> IsolatedRun:
+        ts = self.worker.state.tasks.get(key)
+        annotations = (ts.annotations if ts is not None else None) or {}
+        max_calls = annotations.get("max_calls")
+        lease = self.ledger.lease(key)
+        slots = lease.devices if lease is not None else ()
+        return IsolatedRun(
+            key=key,
+            gpu_ids=tuple(sorted(self.ids[s] for s in slots)),
+            tokens=tuple(self.tokens[s] for s in slots),
+            max_calls=self._max_calls if max_calls is None else parse_max_calls(max_calls),
+        )
+
+    # -- what the worker publishes -----------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """This worker's devices and their holders, as plain data.
+
+        Returns
+        -------
+        dict
+            ``{"devices": [{"id": int, "token": str, "uuid": str | None,
+            "holders": {key: share}}, ...], "actors": [key, ...], "executing": n}`` with keys
+            as strings and shares as floats.
+        """
+        ledger = self.ledger
+        holders = ledger.holders()
+        state = self.worker.state
+        return {
+            "executing": len(state.executing),
+            "actors": [str(k) for k in self.actor_holds],
+            "devices": [
+                {
+                    "id": self.ids[slot],
+                    "token": self.tokens[slot],
+                    "uuid": self.uuids[slot],
+                    "holders": {str(k): float(v) for k, v in holders[slot].items()},
+                    **self._reading(slot),
+                }
+                for slot in range(min(ledger.n_devices, len(self.ids)))
+            ],
+        }
+
+    def _reading(self, slot: int) -> dict:
+        """NVML's memory and utilization for a device, read by its token (an index, a GPU
+        or a MIG UUID); ``{}`` for a device NVML does not have (a logical one)."""
+        backend = self._readings
+        if backend is None:
+            return {}
+        try:
+            found = _nvml.reading(backend, self.tokens[slot])
+        except _nvml.NVMLUnavailable as err:  # NVML lost
+            logger.info("Not reading GPU memory and utilization any more: %s", err)
+            self._readings = None
+            return {}
+        return {k: found[k] for k in ("memory_used", "memory_total", "utilization") if k in found}
+
+    def _heartbeat(self, worker: Any) -> dict:
+        return self.snapshot()
+
+    def ids_for(self, key: Hashable) -> list[int]:
+        """The physical ids leased to ``key`` (sorted), ``[]`` if it holds none."""
+        lease = self.ledger.lease(key)
+        if lease is None:
+            return []
+        ids = self.ids
+        return sorted([ids[slot] for slot in lease.devices])
+
+    def tokens_for(self, key: Hashable) -> list[str]:
+        """The ``CUDA_VISIBLE_DEVICES`` entries leased to ``key``, in device order."""
+        lease = self.ledger.lease(key)
+        if lease is None:
+            return []
+        return [self.tokens[slot] for slot in lease.devices]
+
+
+def _nvml_uuid(backend: NVMLBackend, token: str) -> str | None:
+    return _nvml.uuid_of(backend, token)
+
+
+def devices_of(worker: Any) -> WorkerDevices | None:
+    """The worker's device state, or None on a worker without dask_gpuresources."""
+    devices = _dask_internals.worker_extension(worker, PLUGIN_NAME)
+    return devices if isinstance(devices, WorkerDevices) and not devices.closed else None
+
+
 class GPUWorkerPlugin(WorkerPlugin):
     """Turns a worker's declared GPU count into leases on concrete devices.
 
     Registered on every worker by :class:`~dask_gpuresources.scheduler.GPUSchedulerPlugin`
     (or by ``client.register_plugin(GPUWorkerPlugin())``). With ``detect=True`` (the worker
     preload), a worker that declares no ``GPU`` resource counts its devices with NVML.
+
+    The device state (ledger, leases, actor holds, warm children) belongs to the worker, not
+    to this plugin: registering the plugin again (Dask then replaces it) adopts the state
+    that is there, and removing it leaves the state in place; the worker's close ends it.
 
     Parameters
     ----------
@@ -225,21 +574,7 @@ class GPUWorkerPlugin(WorkerPlugin):
     def __init__(self, *, detect: bool = False, nvml: NVMLBackend | None = None) -> None:
         self.detect = detect
         self.nvml = nvml
-        self.ledger: DeviceLedger | None = None
-        self.ids: tuple[int, ...] = ()
-        self.tokens: tuple[str, ...] = ()
-        self.worker: Any = None
-        self._original_state_class: type[WorkerState] | None = None
-        self._bypass_limit = 10.0
-        self._blocked: tuple[Hashable, float] | None = None
-        self.executor: IsolatedExecutor | None = None
-        #: actor key -> GPU amount it holds for life
-        self.actor_holds: dict[Hashable, Any] = {}
-        #: actor key -> callable that ends the actor's resources (its child process)
-        self._actor_finalizers: dict[Hashable, Any] = {}
-        self._isolation = "thread"
-        self._max_calls = 0
-        self._readings: NVMLBackend | None = None  # NVML, when it sees this worker's GPUs
+        self.devices: WorkerDevices | None = None
 
     def __getstate__(self) -> dict:
         # Only the configuration travels (the scheduler ships this plugin to every worker).
@@ -248,288 +583,39 @@ class GPUWorkerPlugin(WorkerPlugin):
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
     async def setup(self, worker: Any) -> None:
-        """Size the ledger, install per-device admission, and lease running tasks."""
-        self.worker = worker
-        self._bypass_limit = parse_timedelta(
-            dask.config.get("gpuresources.worker.bypass-limit"), default="s"
-        )
-        state = worker.state
-        count, tokens, uuid_index = self._resolve_devices(state)
-        self.tokens = tuple(tokens)
-        self.ids = tuple(physical_ids(tokens, uuid_index))
-        self.ledger = DeviceLedger(count)
-
-        if state.total_resources.get(GPU) != count:
-            await self._set_gpu_count(count)
-
-        self._original_state_class = type(state)
-        state.__class__ = _admission_class(type(state))
-        self._lease_running_tasks(state)
-        self._setup_isolation(worker)
-        worker.metrics[PLUGIN_NAME] = self._heartbeat
-        worker.handlers[PLUGIN_NAME] = self.snapshot
-        if count:
-            logger.info(
-                "Worker %s hands out %d GPU(s): %s", worker.address, count, ",".join(tokens)
-            )
+        """Adopt the worker's device state, or install it (sizing the ledger, per-device
+        admission, leases for running tasks)."""
+        self.devices = await WorkerDevices.attach(worker, detect=self.detect, nvml=self.nvml)
 
     def teardown(self, worker: Any) -> None:
-        """Give the worker its stock admission back and forget the ledger."""
-        if self._original_state_class is not None:
-            worker.state.__class__ = self._original_state_class
-            self._original_state_class = None
-        worker.metrics.pop(PLUGIN_NAME, None)
-        worker.handlers.pop(PLUGIN_NAME, None)
-        if self.executor is not None:
-            if worker.executors.get(EXECUTOR_NAME) is self.executor:
-                del worker.executors[EXECUTOR_NAME]
-            self.executor.shutdown(wait=False)
-            self.executor = None
-        self.ledger = None
+        """Nothing: the device state outlives this plugin (the worker's close ends it)."""
+        self.devices = None
 
-    def _setup_isolation(self, worker: Any) -> None:
-        mode = dask.config.get("gpuresources.isolation.mode")
-        if mode not in ("thread", "process"):
-            raise ValueError(
-                f"gpuresources.isolation.mode must be 'thread' or 'process', got {mode!r}; "
-                "use DASK_GPURESOURCES__ISOLATION__MODE=process"
-            )
-        self._isolation = mode
-        self._max_calls = parse_max_calls(dask.config.get("gpuresources.isolation.max-calls"))
-        memory = dask.config.get("gpuresources.isolation.recycle-gpu-memory")
-        memory = None if memory is None else parse_bytes(memory)
-        self.executor = IsolatedExecutor(
-            resolve=self._isolated_run,
-            worker_address=lambda: worker.address,
-            max_workers=max(2 * worker.state.nthreads, 4),
-            idle_timeout=parse_timedelta(
-                dask.config.get("gpuresources.isolation.idle-timeout"), default="s"
-            ),
-            spare=bool(dask.config.get("gpuresources.isolation.spare")),
-            preload=dask.config.get("gpuresources.isolation.preload"),
-            nvml=None if memory is None else (self.nvml or default_backend()),
-            recycle_gpu_memory=memory,
-        )
-        worker.executors[EXECUTOR_NAME] = self.executor
+    # Read-only views of the device state, for code that holds the plugin.
+    @property
+    def ledger(self) -> DeviceLedger | None:
+        return self.devices.ledger if self.devices is not None else None
 
-    def _resolve_devices(self, state: WorkerState) -> tuple[int, list[str], dict[str, int]]:
-        declared = _declared_gpus(state)
-        visible = visible_devices()
-        if declared is None:
-            if not self.detect:
-                return 0, [], {}
-            found = detect(self.nvml or default_backend(), visible)
-            if found.reason:
-                logger.info("No GPUs detected, so this worker offers GPU=0: %s", found.reason)
-            else:
-                self._readings = self.nvml or default_backend()
-            return found.count, list(found.tokens), dict(found.uuid_index)
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return self.devices.ids if self.devices is not None else ()
 
-        if declared < 0 or declared != int(declared):
-            raise DeviceCountError(
-                f"a worker's GPU count must be a whole number of devices, got GPU={declared!r}; "
-                f"use --resources GPU={max(int(declared), 0)}"
-            )
-        count = int(declared)
-        tokens = device_tokens(count, visible)
-        uuid_index: dict[str, int] = {}
-        if count:
-            found = detect(self.nvml or default_backend(), visible)
-            uuid_index = dict(found.uuid_index)
-            if found.reason is None:
-                self._readings = self.nvml or default_backend()
-            if found.reason is None and count > found.count:
-                logger.warning(
-                    "This worker declares GPU=%d but NVML sees %d device(s); the extra %d are "
-                    "logical devices for scheduling only",
-                    count,
-                    found.count,
-                    count - found.count,
-                )
-        return count, tokens, uuid_index
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self.devices.tokens if self.devices is not None else ()
 
-    async def _set_gpu_count(self, count: int) -> None:
-        state = self.worker.state
-        if self.worker.status in (Status.running, Status.paused):
-            await self.worker.set_resources(**{GPU: count})
-        else:  # not registered yet: the scheduler learns the count at registration
-            old = state.total_resources.get(GPU, 0)
-            state.total_resources[GPU] = count
-            state.available_resources[GPU] = state.available_resources.get(GPU, 0) + count - old
+    @property
+    def executor(self) -> IsolatedExecutor | None:
+        return self.devices.executor if self.devices is not None else None
 
-    def _lease_running_tasks(self, state: WorkerState) -> None:
-        for ts in list(state.executing | state.long_running):
-            if ts.key in self.ledger:
-                continue
-            amount = gpu_amount(ts.resource_restrictions)
-            if amount is None:
-                continue
-            if self.ledger.try_acquire(ts.key, amount) is None:
-                logger.warning(
-                    "Task %r was already running with GPU=%s when the plugin started and "
-                    "no free device can hold it; it runs without a device lease",
-                    ts.key,
-                    ts.resource_restrictions.get(GPU),
-                )
-
-    # -- admission (called by GPUAdmission on the worker's event loop) -----------------------
-
-    def pick_constrained(self, state: WorkerState) -> TaskState | None:
-        """The highest-priority constrained task that can start now, if any.
-
-        The head of the heap goes first when it fits. When it does not, later tasks that
-        fit may pass it, until it has waited ``gpuresources.worker.bypass-limit``; from then
-        on nothing passes it, so the devices drain until it fits.
-        """
-        head = state.constrained.peek()
-        if state._resource_restrictions_satisfied(head):
-            self._blocked = None
-            return head
-        now = time.monotonic()
-        if self._blocked is None or self._blocked[0] != head.key:
-            self._blocked = (head.key, now)
-        elif now - self._blocked[1] > self._bypass_limit:
-            return None
-
-        smallest_misfit = gpu_amount(head.resource_restrictions)
-        if smallest_misfit is not None and self.ledger.all_taken():
-            return None
-        for ts in state.constrained.sorted():
-            if ts is head:
-                continue
-            amount = gpu_amount(ts.resource_restrictions)
-            # Placement is monotonic in the amount: what did not fit excludes anything larger.
-            if amount is not None and smallest_misfit is not None and amount >= smallest_misfit:
-                continue
-            if state._resource_restrictions_satisfied(ts):
-                return ts
-            if amount is not None:
-                smallest_misfit = amount
-        return None
-
-    # -- isolation ---------------------------------------------------------------------------
-
-    def route(self, ts: TaskState) -> None:
-        """Send ``ts`` to the isolated executor if it (or the worker's config) asks for it.
-
-        An explicit ``executor`` annotation wins; actors and async tasks always run in the
-        worker (an actor must live there; an async task runs on its event loop). The
-        worker's ``gpuresources.isolation.mode`` applies to GPU tasks; a task annotated
-        ``isolation="process"`` is isolated even without a GPU (it then sees none).
-        """
-        annotations = ts.annotations or {}
-        mode = annotations.get("isolation")
-        if mode is None:  # most tasks: decided by the worker's mode (thread by default)
-            if self._isolation != "process" or not gpu_amount(ts.resource_restrictions):
-                return
-        elif mode != "process":
-            return
-        if "executor" in annotations or self.executor is None or ts.key in self.worker.state.actors:
-            return
-        if ts.run_spec is None or getattr(ts.run_spec, "is_coro", False):
-            return
-        ts.annotations = {**annotations, "executor": EXECUTOR_NAME}
-
-    def _isolated_run(self, key: Hashable) -> IsolatedRun:
-        ts = self.worker.state.tasks.get(key)
-        annotations = (ts.annotations if ts is not None else None) or {}
-        max_calls = annotations.get("max_calls")
-        lease = self.ledger.lease(key) if self.ledger is not None else None
-        slots = lease.devices if lease is not None else ()
-        return IsolatedRun(
-            key=key,
-            gpu_ids=tuple(sorted(self.ids[s] for s in slots)),
-            tokens=tuple(self.tokens[s] for s in slots),
-            max_calls=self._max_calls if max_calls is None else parse_max_calls(max_calls),
-        )
-
-    def on_actor_release(self, key: Hashable, finalizer: Any) -> None:
-        """Call ``finalizer()`` when the actor ``key`` goes away (released, killed)."""
-        self._actor_finalizers[key] = finalizer
-
-    def actor_released(self, key: Hashable) -> None:
-        finalizer = self._actor_finalizers.pop(key, None)
-        if finalizer is not None:
-            try:
-                finalizer()
-            except Exception:
-                logger.exception("Ending actor %r failed", key)
-
-    def transition(self, key: Hashable, start: str, finish: str, **kwargs: Any) -> None:
-        # A cancelled isolated task: end its child now, so that its devices come back
-        # at once instead of when the task would have finished.
-        # (Dask reports the requested state, "released"; the task is left "cancelled".)
-        if start == "executing" and finish in ("released", "cancelled") and self.executor:
-            ts = self.worker.state.tasks.get(key)
-            if ts is None or ts.state in ("cancelled", "released"):
-                self.executor.abort(key, "was cancelled")
-
-    # -- what the worker publishes -----------------------------------------------------------
+    @property
+    def actor_holds(self) -> dict:
+        return self.devices.actor_holds if self.devices is not None else {}
 
     def snapshot(self) -> dict:
-        """This worker's devices and their holders, as plain data.
-
-        Returns
-        -------
-        dict
-            ``{"devices": [{"id": int, "token": str, "holders": {key: share}}, ...]}`` with
-            keys as strings and shares as floats.
-        """
-        ledger = self.ledger
-        if ledger is None:
-            return {"devices": []}
-        holders = ledger.holders()
-        state = self.worker.state if self.worker is not None else None
-        return {
-            "executing": len(state.executing) if state is not None else 0,
-            "actors": [str(k) for k in self.actor_holds],
-            "devices": [
-                {
-                    "id": self.ids[slot],
-                    "token": self.tokens[slot],
-                    "holders": {str(k): float(v) for k, v in holders[slot].items()},
-                    **self._reading(slot),
-                }
-                for slot in range(ledger.n_devices)
-            ],
-        }
-
-    def _reading(self, slot: int) -> dict:
-        """NVML's memory and utilization for a device, when NVML sees it."""
-        backend = self._readings
-        if backend is None:
-            return {}
-        try:
-            index = int(self.ids[slot])
-            return {
-                "memory_used": backend.memory_used(index),
-                "utilization": backend.utilization(index),
-            }
-        except Exception as err:  # NVML lost, or a logical device NVML does not have
-            logger.info("Not reading GPU memory and utilization any more: %s", err)
-            self._readings = None
-            return {}
-
-    def _heartbeat(self, worker: Any) -> dict:
-        return self.snapshot()
-
-    def ids_for(self, key: Hashable) -> list[int]:
-        """The physical ids leased to ``key`` (sorted), ``[]`` if it holds none."""
-        lease = self.ledger.lease(key) if self.ledger is not None else None
-        if lease is None:
-            return []
-        ids = self.ids
-        return sorted([ids[slot] for slot in lease.devices])
-
-    def tokens_for(self, key: Hashable) -> list[str]:
-        """The ``CUDA_VISIBLE_DEVICES`` entries leased to ``key``, in device order."""
-        lease = self.ledger.lease(key) if self.ledger is not None else None
-        if lease is None:
-            return []
-        return [self.tokens[slot] for slot in lease.devices]
+        """The worker's devices and their holders (see :meth:`WorkerDevices.snapshot`)."""
+        return self.devices.snapshot() if self.devices is not None else {"devices": []}
 
 
 def _running_task() -> tuple[Any, Hashable]:
@@ -549,14 +635,14 @@ def _running_task() -> tuple[Any, Hashable]:
     return worker, key
 
 
-def lease_of_running_task() -> tuple[GPUWorkerPlugin, Hashable]:
-    """The worker plugin of the task running on this thread, and that task's key."""
+def lease_of_running_task() -> tuple[WorkerDevices, Hashable]:
+    """The device state of the worker running this thread's task, and that task's key."""
     worker, key = _running_task()
-    plugin = worker.plugins.get(PLUGIN_NAME)
-    if not isinstance(plugin, GPUWorkerPlugin) or plugin.ledger is None:
+    devices = devices_of(worker)
+    if devices is None:
         raise NoLeaseError(
             f"worker {worker.address} runs without dask_gpuresources; start the scheduler "
             "with `dask scheduler --preload dask_gpuresources` or call "
             "dask_gpuresources.install(client)"
         )
-    return plugin, key
+    return devices, key

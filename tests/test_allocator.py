@@ -77,10 +77,11 @@ def check_invariants(ledger: DeviceLedger) -> None:
         (0.5, HALF),
         (0.1, F(1, 10)),
         (0.25, QUARTER),
-        (1 / 3, F(1, 3)),
+        (1 / 3, F(3333, 10000)),
         (0.0001, F(1, 10_000)),
-        (F(1, 3), F(1, 3)),
-        (F(12_345, 100_001), F(12_345, 100_001)),  # exact input stays exact
+        (F(1, 3), F(3333, 10000)),
+        (0.33334, F(3333, 10000)),
+        (F(12_345, 100_001), F(1234, 10_000)),  # exact input too: one representation
         (F(4, 2), F(2)),
         (Decimal("0.25"), QUARTER),
         (Decimal("3"), F(3)),
@@ -365,7 +366,7 @@ def test_no_fit_message_and_fields():
         "free share per device: [0, 0.75]"
     )
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
-    with pytest.raises(NoFit, match=r"GPU=1/3 .*'d'.*one device"):
+    with pytest.raises(NoFit, match=r"GPU=0.3333 .*'d'.*one device"):
         DeviceLedger(0).acquire("d", F(1, 3))
 
 
@@ -463,7 +464,7 @@ def test_resize():
 def test_repr():
     ledger = DeviceLedger(2)
     ledger.acquire("a", F(1, 3))
-    assert repr(ledger) == "DeviceLedger(n_devices=2, free=[2/3, 1], leases=1)"
+    assert repr(ledger) == "DeviceLedger(n_devices=2, free=[0.6667, 1], leases=1)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +474,7 @@ def test_repr():
 def test_threads_never_over_commit():
     ledger = DeviceLedger(4)
     # whole requests also as plain ints: the worker passes them that way
-    amounts = [F(0), F(1, 10), QUARTER, F(1, 3), HALF, F(3, 4), F(1), F(2), 1, 2]
+    amounts = [F(0), F(1, 10), QUARTER, F(3333, 10000), HALF, F(3, 4), F(1), F(2), 1, 2]
     n_threads, n_ops = 8, 2000
     errors: list[BaseException] = []
     barrier = threading.Barrier(n_threads + 1)
@@ -526,7 +527,7 @@ def test_threads_never_over_commit():
 # --------------------------------------------------------------------------------------------
 # Property test
 
-AMOUNTS = [F(0), F(1, 10), QUARTER, F(1, 3), HALF, F(3, 4), F(1), F(2), F(3), F(4)]
+AMOUNTS = [F(0), F(1, 10), QUARTER, F(3333, 10000), HALF, F(3, 4), F(1), F(2), F(3), F(4)]
 
 
 class LedgerMachine(RuleBasedStateMachine):

@@ -209,18 +209,111 @@ def test_abbreviated_gpu_uuid_maps_when_unique():
     assert physical_ids(["GPU-8f3e", "GPU-0bad"], index) == [2, 5]
 
 
-def test_ambiguous_abbreviation_falls_back_to_the_slot():
+def test_ambiguous_abbreviation_gets_the_next_id():
     index = {"GPU-aa11-x": 2, "GPU-aa22-y": 5}
-    assert physical_ids(["7", "GPU-aa"], index) == [7, 1]
+    assert physical_ids(["7", "GPU-aa"], index) == [7, 8]
 
 
-def test_unknown_uuid_and_mig_fall_back_to_the_slot():
+def test_without_a_physical_index_in_the_list_ids_count_from_zero():
+    # As CUDA numbers the devices of a process that sees this list; GPU_B is not listed.
     assert physical_ids([GPU_A, MIG_A, "GPU-ffff"], {GPU_B: 5}) == [0, 1, 2]
+
+
+def test_without_nvml_uuids_count_from_zero():
     assert physical_ids([MIG_A, GPU_A]) == [0, 1]
 
 
 def test_mixed_tokens():
-    assert physical_ids(["6", MIG_A, GPU_A], {GPU_A: 3}) == [6, 1, 3]
+    assert physical_ids(["6", MIG_A, GPU_A], {GPU_A: 3}) == [6, 7, 3]
+
+
+def test_mixed_index_and_mig_ids_are_distinct():
+    # Issue item 9: CUDA_VISIBLE_DEVICES="1,MIG-..." handed out id 1 twice.
+    assert physical_ids(["1", MIG_A]) == [1, 2]
+    assert physical_ids([MIG_A, "1"]) == [2, 1]
+    assert physical_ids(["0", MIG_A], {GPU_A: 0, GPU_B: 1}) == [0, 1]
+    assert physical_ids([MIG_A, "2", GPU_A], {GPU_A: 0}) == [3, 2, 0]
+
+
+def test_unknown_uuid_before_an_index_is_distinct():
+    assert physical_ids(["GPU-ffff", "0"]) == [1, 0]
+    assert physical_ids([GPU_A, "0", "1"], {GPU_B: 1}) == [2, 0, 1]
+
+
+def test_a_gpu_listed_by_index_and_by_uuid_gets_two_ids():
+    # The index keeps its id wherever it stands; the UUID naming the same GPU gets a new one.
+    assert physical_ids([GPU_A, "2"], {GPU_A: 2}) == [3, 2]
+    assert physical_ids(["2", "GPU-8f3e"], {GPU_A: 2}) == [2, 3]
+
+
+def test_two_abbreviations_of_one_gpu_get_two_ids():
+    assert physical_ids(["GPU-8f3e", "GPU-8f3e1a"], {GPU_A: 0}) == [0, 1]
+
+
+_INDEX = st.integers(0, 12).map(str)
+_UUID = st.sampled_from([GPU_A, GPU_B, "GPU-8f3e", "GPU-0bad", "GPU-ffff", MIG_A, "MIG-7e8f"])
+
+
+_UUID_INDEX = st.dictionaries(
+    st.sampled_from([GPU_A, GPU_B, "GPU-ffff0000"]), st.integers(0, 12)
+).filter(lambda index: len(set(index.values())) == len(index))  # as NVML reports them
+# The tokens in _UUID that name each GPU of _UUID_INDEX: its UUID and abbreviations of it.
+_NAMES = {GPU_A: (GPU_A, "GPU-8f3e"), GPU_B: (GPU_B, "GPU-0bad"), "GPU-ffff0000": ("GPU-ffff",)}
+
+
+@given(st.lists(st.one_of(_INDEX, _UUID), unique=True), _UUID_INDEX)
+def test_ids_are_distinct_for_any_mix(tokens, uuid_index):
+    ids = physical_ids(tokens, uuid_index)
+    assert len(set(ids)) == len(ids) == len(tokens)
+    assert all(type(i) is int for i in ids)
+    # The rule, written out: indices keep theirs; then the first name of a GPU NVML knows
+    # gets its index if no index token has it; the rest count on from the highest of those.
+    expected = {slot: int(t) for slot, t in enumerate(tokens) if t.isdigit()}
+    for uuid, index in uuid_index.items():
+        named = [slot for slot, t in enumerate(tokens) if t in _NAMES[uuid]]
+        if named and index not in expected.values():
+            expected[named[0]] = index
+    fresh = max(expected.values(), default=-1) + 1
+    for slot in range(len(tokens)):
+        if slot not in expected:
+            expected[slot], fresh = fresh, fresh + 1
+    assert ids == [expected[slot] for slot in range(len(tokens))]
+
+
+@given(st.lists(st.integers(0, 64), unique=True))
+def test_plain_index_lists_keep_their_ids(indices):
+    assert physical_ids([str(i) for i in indices]) == indices
+    assert physical_ids([str(i) for i in indices], {GPU_A: 0, GPU_B: 99}) == indices
+
+
+def test_unset_visible_list_keeps_its_ids():
+    assert physical_ids(device_tokens(4, None)) == [0, 1, 2, 3]
+
+
+def test_the_same_device_twice_is_refused():
+    with pytest.raises(ValueError) as info:
+        physical_ids(["1", "0", "01"])
+    assert str(info.value) == (
+        "physical_ids needs each device once, got '01' after '1' in ['1', '0', '01']; "
+        "use physical_ids(['1', '0'])"
+    )
+    with pytest.raises(ValueError, match=r"got 'MIG-5c6d\S*' after 'MIG-5c6d\S*' in"):
+        physical_ids([MIG_A, "0", MIG_A])
+
+
+def test_tokens_must_be_strings():
+    with pytest.raises(TypeError) as info:
+        physical_ids([1, 2])
+    assert str(info.value) == (
+        "physical_ids takes CUDA_VISIBLE_DEVICES entries as strings, got 1 in [1, 2]; "
+        "use physical_ids(['1', '2'])"
+    )
+    with pytest.raises(TypeError) as info:
+        physical_ids("0,1")
+    assert str(info.value) == (
+        "physical_ids takes a list of CUDA_VISIBLE_DEVICES entries, got the string '0,1'; "
+        "use physical_ids(parse_visible_devices('0,1'))"
+    )
 
 
 # --- format_visible_devices ----------------------------------------------------------------

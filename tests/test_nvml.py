@@ -18,12 +18,17 @@ from dask_gpuresources._nvml import (
     RealNVML,
     default_backend,
     detect,
+    reading,
+    uuid_of,
 )
 
 pynvml = pytest.importorskip("pynvml")
 
 MIG_0 = "MIG-11111111-0a1b-5c2d-9e3f-4a5b6c7d8e9f"
 MIG_1 = "MIG-22222222-0a1b-5c2d-9e3f-4a5b6c7d8e9f"
+GPU_0 = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+GPU_1 = "GPU-bbbbbbbb-0000-0000-0000-000000000000"
+GiB = 2**30
 
 
 def _nvml_library_loads() -> bool:
@@ -49,14 +54,14 @@ def mig_and_plain() -> FakeNVML:
         [
             GPUDevice(
                 index=0,
-                uuid="GPU-aaaaaaaa-0000-0000-0000-000000000000",
+                uuid=GPU_0,
                 name="NVIDIA A100-SXM4-40GB",
                 memory_total=40 * 2**30,
                 mig=(MIGDevice(MIG_0, 20 * 2**30), MIGDevice(MIG_1, 20 * 2**30)),
             ),
             GPUDevice(
                 index=1,
-                uuid="GPU-bbbbbbbb-0000-0000-0000-000000000000",
+                uuid=GPU_1,
                 name="NVIDIA A100-SXM4-40GB",
                 memory_total=40 * 2**30,
             ),
@@ -143,8 +148,9 @@ def test_detect_expands_mig_instances(mig_and_plain):
         "GPU-aaaaaaaa-0000-0000-0000-000000000000": 0,
         "GPU-bbbbbbbb-0000-0000-0000-000000000000": 1,
     }
-    # MIG instances have no physical index: get_gpu_ids() gives their slot.
-    assert physical_ids(found.tokens, found.uuid_index) == [0, 1, 1]
+    # MIG instances have no physical index: their ids come after every GPU's, so no id is
+    # handed out twice (this gave [0, 1, 1], issue item 9).
+    assert physical_ids(found.tokens, found.uuid_index) == [2, 3, 1]
 
 
 def test_detect_no_gpu():
@@ -214,6 +220,153 @@ def test_detect_nothing_known(four_gpus):
     )
 
 
+# --- readings by device token ---------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_mig_and_plain() -> FakeNVML:
+    """As ``mig_and_plain``, with a different reading on every device and instance.
+
+    No reading equals another, so a reading taken from the wrong device (by slot number, or by
+    the integer id ``get_gpu_ids()`` reports) fails the tests below.
+    """
+    return FakeNVML(
+        [
+            GPUDevice(
+                index=0,
+                uuid=GPU_0,
+                name="NVIDIA A100-SXM4-40GB",
+                memory_total=40 * GiB,
+                mig=(MIGDevice(MIG_0, 10 * GiB), MIGDevice(MIG_1, 30 * GiB)),
+            ),
+            GPUDevice(index=1, uuid=GPU_1, name="NVIDIA H100", memory_total=80 * GiB),
+        ],
+        memory_used={0: 9 * GiB, 1: 7 * GiB, MIG_0: 3 * GiB, MIG_1: 5 * GiB},
+        utilization={0: 11, GPU_1: 22},
+    )
+
+
+def test_reading_by_index(busy_mig_and_plain):
+    assert reading(busy_mig_and_plain, "1") == {
+        "uuid": GPU_1,
+        "name": "NVIDIA H100",
+        "index": 1,
+        "memory_used": 7 * GiB,
+        "memory_total": 80 * GiB,
+        "utilization": 22,
+    }
+    assert reading(busy_mig_and_plain, "0")["memory_used"] == 9 * GiB
+
+
+@pytest.mark.parametrize("token", [GPU_1, "GPU-bbbb"])
+def test_reading_by_gpu_uuid(busy_mig_and_plain, token):
+    assert reading(busy_mig_and_plain, token) == reading(busy_mig_and_plain, "1")
+
+
+def test_reading_a_mig_instance_reads_its_own_memory_and_its_gpus_utilization(
+    busy_mig_and_plain,
+):
+    assert reading(busy_mig_and_plain, MIG_1) == {
+        "uuid": MIG_1,
+        "name": "NVIDIA A100-SXM4-40GB",
+        "index": 0,
+        "memory_used": 5 * GiB,
+        "memory_total": 30 * GiB,
+        "utilization": 11,
+    }
+    assert reading(busy_mig_and_plain, MIG_0)["memory_used"] == 3 * GiB
+
+
+def test_readings_follow_the_tokens_not_the_slots(busy_mig_and_plain):
+    # A worker with CUDA_VISIBLE_DEVICES="1,MIG_1,GPU-aaaa": slot 0 is GPU 1, slot 1 a MIG
+    # instance of GPU 0, slot 2 GPU 0 itself. Reading by slot or by id reads other devices.
+    tokens = detect(busy_mig_and_plain, ["1", MIG_1, "GPU-aaaa"]).tokens
+    assert tokens == ("1", MIG_1, "GPU-aaaa")
+    got = [(reading(busy_mig_and_plain, t)["memory_used"]) for t in tokens]
+    assert got == [7 * GiB, 5 * GiB, 9 * GiB]
+    assert [uuid_of(busy_mig_and_plain, t) for t in tokens] == [GPU_1, MIG_1, GPU_0]
+
+
+def test_readings_of_every_detected_device(busy_mig_and_plain):
+    tokens = detect(busy_mig_and_plain, None).tokens
+    assert tokens == (MIG_0, MIG_1, "1")
+    assert [reading(busy_mig_and_plain, t)["memory_used"] for t in tokens] == [
+        3 * GiB,
+        5 * GiB,
+        7 * GiB,
+    ]
+    assert [uuid_of(busy_mig_and_plain, t) for t in tokens] == [MIG_0, MIG_1, GPU_1]
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["2", "17", "GPU-cccc", "GPU-", "MIG-33333333", "MIG-GPU-aaaaaaaa/1/0", "x", ""],
+)
+def test_reading_a_device_nvml_does_not_know(busy_mig_and_plain, token):
+    # A logical device (declared, not detected) or a UUID from another machine.
+    assert reading(busy_mig_and_plain, token) == {}
+    assert uuid_of(busy_mig_and_plain, token) is None
+
+
+def test_reading_an_ambiguous_abbreviation_reads_nothing(four_gpus):
+    assert reading(four_gpus, "GPU-0000000") == {}
+    assert uuid_of(four_gpus, "GPU-0000000") is None
+    assert uuid_of(four_gpus, "GPU-00000002") == "GPU-00000002-fake-0000-0000-000000000000"
+
+
+def test_reading_without_nvml(no_library):
+    with pytest.raises(NVMLUnavailable) as info:
+        reading(no_library, "0")
+    assert info.value.reason == "NVML could not start: NVML Shared Library Not Found"
+    assert uuid_of(no_library, "0") is None
+
+
+def test_reading_takes_a_token_not_an_int(four_gpus):
+    with pytest.raises(TypeError) as info:
+        reading(four_gpus, 1)
+    assert str(info.value) == (
+        "reading takes a CUDA_VISIBLE_DEVICES entry as a string, got 1; use reading(backend, '1')"
+    )
+    with pytest.raises(TypeError, match=r"uuid_of takes .*, got 1; use uuid_of\(backend, '1'\)"):
+        uuid_of(four_gpus, 1)
+
+
+def test_fake_readings_settable_by_uuid(busy_mig_and_plain):
+    busy_mig_and_plain.set_memory_used(MIG_0, 1234)
+    busy_mig_and_plain.set_memory_used(GPU_0, 99)
+    busy_mig_and_plain.set_utilization(GPU_0, 55)
+    assert reading(busy_mig_and_plain, MIG_0)["memory_used"] == 1234
+    assert reading(busy_mig_and_plain, MIG_0)["utilization"] == 55
+    # a GPU's UUID and its index name one device
+    assert busy_mig_and_plain.memory_used(0) == 99
+    assert busy_mig_and_plain.utilization(0) == 55
+    assert reading(busy_mig_and_plain, MIG_1)["memory_used"] == 5 * GiB
+
+
+def test_fake_utilization_of_a_mig_instance_is_refused(busy_mig_and_plain):
+    with pytest.raises(ValueError) as info:
+        busy_mig_and_plain.set_utilization(MIG_1, 50)
+    assert str(info.value) == (
+        f"NVML has no utilization per MIG instance, got {MIG_1!r}; set its GPU's: "
+        "set_utilization(0, 50)"
+    )
+    with pytest.raises(ValueError, match="NVML has no utilization per MIG instance"):
+        FakeNVML(busy_mig_and_plain.devices(), utilization={MIG_0: 1})
+
+
+def test_fake_readings_for_unknown_devices_are_refused(busy_mig_and_plain):
+    with pytest.raises(NVMLUnavailable, match=r"no device is 'GPU-cccc'; this FakeNVML has"):
+        busy_mig_and_plain.set_memory_used("GPU-cccc", 1)
+    with pytest.raises(NVMLUnavailable, match=r"no GPU has index 5; this FakeNVML has \[0, 1\]"):
+        busy_mig_and_plain.set_memory_used(5, 1)
+    with pytest.raises(ValueError) as info:
+        FakeNVML([GPUDevice(0, "GPU-a")], memory_used={3: 1})
+    assert str(info.value) == (
+        "FakeNVML readings must name a device it has (an index, a GPU UUID or a MIG UUID), "
+        "got 3; use e.g. memory_used={0: 2**30}"
+    )
+
+
 # --- RealNVML ------------------------------------------------------------------------------
 
 
@@ -239,6 +392,14 @@ def test_real_nvml_with_gpu():
     assert device.uuid.startswith("GPU-")
     assert device.memory_total > 0
     assert 0 <= default_backend().utilization(device.index) <= 100
+    # readings by token find the same device by index and by (abbreviated) UUID
+    by_index = reading(default_backend(), str(device.index))
+    assert by_index["uuid"] == device.uuid
+    assert by_index["memory_total"] == device.memory_total
+    assert reading(default_backend(), device.uuid[:12])["uuid"] == device.uuid
+    assert uuid_of(default_backend(), device.uuid) == device.uuid
+    for mig in device.mig:
+        assert reading(default_backend(), mig.uuid)["memory_total"] == mig.memory_total
 
 
 def test_default_backend_is_one_real_instance():
@@ -260,10 +421,14 @@ def _error(code: int) -> Exception:
     return pynvml.NVMLError(code)
 
 
-def _fake_pynvml(*, init_error: int | None = None, mig: bool = True) -> types.ModuleType:
+def _fake_pynvml(
+    *, init_error: int | None = None, mig: bool = True, gpu_utilization: bool = True
+) -> types.ModuleType:
     """Two GPUs: 0 with MIG slots [instance, empty, instance], 1 without MIG support.
 
-    Names and UUIDs come back as bytes, as in nvidia-ml-py before 11.515.
+    Every device has its own memory reading; MIG instances have no utilization (as in NVML),
+    and with ``gpu_utilization=False`` neither do the GPUs. Names and UUIDs come back as
+    bytes, and UUIDs are taken as bytes only, as in nvidia-ml-py before 11.515.
     """
     module = types.ModuleType("pynvml")
     for name in dir(pynvml):
@@ -278,6 +443,13 @@ def _fake_pynvml(*, init_error: int | None = None, mig: bool = True) -> types.Mo
 
     gpus = {0: ("gpu", 0), 1: ("gpu", 1)}
     migs = {0: [("mig", 0), None, ("mig", 2)]}
+    uuids = {
+        ("gpu", 0): "GPU-0000",
+        ("gpu", 1): "GPU-1111",
+        ("mig", 0): "MIG-0000",
+        ("mig", 2): "MIG-2222",
+    }
+    used = {("gpu", 0): 1, ("gpu", 1): 3, ("mig", 0): 5, ("mig", 2): 6}
     module.nvmlInit = nvmlInit
     module.nvmlDeviceGetCount = lambda: 2
 
@@ -286,13 +458,37 @@ def _fake_pynvml(*, init_error: int | None = None, mig: bool = True) -> types.Mo
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return gpus[i]
 
+    def nvmlDeviceGetHandleByUUID(uuid):
+        if not isinstance(uuid, bytes):
+            raise TypeError("bytes or integer address expected instead of str instance")
+        for handle, known in uuids.items():
+            if known.encode() == uuid:
+                return handle
+        raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetUtilizationRates(h):
+        if h[0] == "mig" or not gpu_utilization:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return types.SimpleNamespace(gpu=17 if h == ("gpu", 0) else 42)
+
+    def nvmlDeviceGetIndex(h):
+        if h[0] == "mig":
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return h[1]
+
+    def nvmlDeviceGetName(h):
+        return b"NVIDIA A100-SXM4-40GB MIG 3g.20gb" if h[0] == "mig" else b"NVIDIA A100-SXM4-40GB"
+
     module.nvmlDeviceGetHandleByIndex = nvmlDeviceGetHandleByIndex
-    module.nvmlDeviceGetUUID = lambda h: f"{h[0].upper()}-{h[1]:04d}".encode()
-    module.nvmlDeviceGetName = lambda h: b"NVIDIA A100-SXM4-40GB"
+    module.nvmlDeviceGetHandleByUUID = nvmlDeviceGetHandleByUUID
+    module.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = lambda h: gpus[0]
+    module.nvmlDeviceGetIndex = nvmlDeviceGetIndex
+    module.nvmlDeviceGetUUID = lambda h: uuids[h].encode()
+    module.nvmlDeviceGetName = nvmlDeviceGetName
     module.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
-        total=(10 if h[0] == "mig" else 40) * 2**30, used=3 * 2**30
+        total=(10 if h[0] == "mig" else 40) * GiB, used=used[h] * GiB
     )
-    module.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=42)
+    module.nvmlDeviceGetUtilizationRates = nvmlDeviceGetUtilizationRates
 
     def nvmlDeviceGetMigMode(h):
         if h[1] == 1:
@@ -322,9 +518,9 @@ def test_real_nvml_enumerates_gpus_and_mig(monkeypatch):
             uuid="GPU-0000",
             name="NVIDIA A100-SXM4-40GB",
             memory_total=40 * 2**30,
-            mig=(MIGDevice("MIG-0000", 10 * 2**30), MIGDevice("MIG-0002", 10 * 2**30)),
+            mig=(MIGDevice("MIG-0000", 10 * 2**30), MIGDevice("MIG-2222", 10 * 2**30)),
         ),
-        GPUDevice(index=1, uuid="GPU-0001", name="NVIDIA A100-SXM4-40GB", memory_total=40 * 2**30),
+        GPUDevice(index=1, uuid="GPU-1111", name="NVIDIA A100-SXM4-40GB", memory_total=40 * 2**30),
     ]
 
 
@@ -343,6 +539,68 @@ def test_real_nvml_readings(monkeypatch):
     with pytest.raises(NVMLUnavailable) as info:
         backend.memory_used(5)
     assert info.value.reason == "NVML could not read memory of GPU 5: Invalid Argument"
+
+
+@pytest.mark.parametrize("token", ["1", "GPU-1111", "GPU-1"])
+def test_real_nvml_reading_a_gpu(monkeypatch, token):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    assert reading(RealNVML(), token) == {
+        "uuid": "GPU-1111",
+        "name": "NVIDIA A100-SXM4-40GB",
+        "index": 1,
+        "memory_used": 3 * GiB,
+        "memory_total": 40 * GiB,
+        "utilization": 42,
+    }
+
+
+def test_real_nvml_reading_a_mig_instance(monkeypatch):
+    # By UUID, as distributed.diagnostics.nvml does: its own memory, its GPU's utilization.
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    backend = RealNVML()
+    assert reading(backend, "MIG-2222") == {
+        "uuid": "MIG-2222",
+        "name": "NVIDIA A100-SXM4-40GB MIG 3g.20gb",
+        "index": 0,
+        "memory_used": 6 * GiB,
+        "memory_total": 10 * GiB,
+        "utilization": 17,
+    }
+    assert reading(backend, "MIG-0000")["memory_used"] == 5 * GiB
+    assert reading(backend, "0")["memory_used"] == 1 * GiB
+    # The tokens detect() gives: ids [2, 3, 1] are no device indices, the tokens are.
+    tokens = detect(backend, None).tokens
+    assert [uuid_of(backend, t) for t in tokens] == ["MIG-0000", "MIG-2222", "GPU-1111"]
+    assert [reading(backend, t)["memory_used"] for t in tokens] == [5 * GiB, 6 * GiB, 3 * GiB]
+
+
+def test_real_nvml_reading_that_is_not_supported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(gpu_utilization=False))
+    assert reading(RealNVML(), "MIG-0000")["utilization"] is None
+    assert reading(RealNVML(), "1")["utilization"] is None
+
+
+@pytest.mark.parametrize("token", ["2", "GPU-2222", "GPU-", "GPU-1111-and-more", "MIG-1111", "x"])
+def test_real_nvml_reading_a_device_it_does_not_know(monkeypatch, token):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    assert reading(RealNVML(), token) == {}
+    assert uuid_of(RealNVML(), token) is None
+
+
+def test_real_nvml_reading_when_nvml_fails(monkeypatch):
+    fake = _fake_pynvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+
+    def lost(handle):
+        raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+    fake.nvmlDeviceGetMemoryInfo = lost
+    with pytest.raises(NVMLUnavailable) as info:
+        reading(RealNVML(), "GPU-1111")
+    assert info.value.reason == "NVML could not read device 'GPU-1111': GPU is lost"
+    assert uuid_of(RealNVML(), "GPU-1111") is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert uuid_of(RealNVML(), "0") is None
 
 
 def test_real_nvml_initialises_once_per_process(monkeypatch):

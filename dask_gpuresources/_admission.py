@@ -1,0 +1,189 @@
+"""The only code that touches a Dask worker's state machine.
+
+Dask's ``WorkerState`` decides *when* a resource-restricted task may start by comparing
+float sums (``available_resources``). For ``GPU`` that is wrong twice over: the sum of free
+fractions says nothing about whether one device can take a request, and the floats drift
+(after ``0.1`` and ``0.2`` come and go a device reads ``0.9999999999999999`` free, and every
+``GPU=1`` task waits forever). So for ``GPU`` the worker's ledger alone decides:
+
+- :class:`GPUAdmission` is mixed into the worker's ``WorkerState`` class, once per worker (see
+  :func:`admission_class`); the worker's device state is a class attribute of that class, so
+  it does not depend on any plugin instance (Dask replaces a worker plugin registered again
+  under the same name).
+- A GPU task is admitted when the ledger can place it on concrete devices now, leased at the
+  moment Dask acquires its resources, and freed where Dask releases them. Dask's float book
+  for ``GPU`` is kept as the exact complement of what running tasks hold.
+- An actor keeps its devices after its constructor returns (Dask's books free them then);
+  the hold ends whenever the key is no longer a live actor of this worker (released,
+  forgotten, erred, cancelled during construction, rescheduled), by whatever transition. Its
+  finalizer (the facade's actor host) runs then, GPU or not.
+- A task that does not fit does not block smaller ones that do (no head-of-line blocking).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from distributed.worker_state_machine import (
+    StateMachineEvent,
+    TaskState,
+    WorkerState,
+    merge_recs_instructions,
+)
+
+from . import _dask_internals
+from ._allocator import InvalidRequestError, parse_gpu_amount
+
+if TYPE_CHECKING:
+    from .worker import WorkerDevices
+
+__all__ = ["GPU", "DevicesFreed", "GPUAdmission", "admission_class", "gpu_amount"]
+
+#: The Dask resource name that stands for GPUs.
+GPU = "GPU"
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_amount(value: Any) -> Fraction | int | None:
+    try:
+        amount = parse_gpu_amount(value)
+    except InvalidRequestError:
+        # The scheduler plugin rejects these at submission; a worker without it leaves the
+        # task to Dask's own accounting rather than failing it here.
+        return None
+    # A whole number of devices as a plain int: the ledger's whole-device path then does
+    # integer arithmetic only (Fraction's operators are Python code, run for every task).
+    return amount.numerator if amount.denominator == 1 else amount
+
+
+def gpu_amount(restrictions: dict | None) -> Fraction | int | None:
+    """The GPU amount a task requests, exact (an int when whole), or None if it asks none.
+
+    Examples
+    --------
+    >>> gpu_amount({"GPU": 0.1}), gpu_amount({"GPU": 2}), gpu_amount({"A": 1})
+    (Fraction(1, 10), 2, None)
+    """
+    if not restrictions:
+        return None
+    value = restrictions.get(GPU)
+    if value is None:
+        return None
+    try:
+        return _cached_amount(value)
+    except TypeError:  # unhashable
+        return None
+
+
+@dataclass
+class DevicesFreed(StateMachineEvent):
+    """Devices came free outside a transition (an actor's last method returned, or the
+    worker's GPU count grew): start what waits for them."""
+
+    __slots__ = ()
+
+
+def _handle_devices_freed(self: WorkerState, ev: DevicesFreed) -> Any:
+    return self._ensure_computing()
+
+
+_dask_internals.register_event_handler(DevicesFreed, _handle_devices_freed)
+
+
+class GPUAdmission(WorkerState):
+    """Per-device admission for Dask's worker state machine (a mixin, no state of its own).
+
+    ``_gpu`` (a class attribute, set by :func:`admission_class`) is the worker's
+    :class:`~dask_gpuresources.worker.WorkerDevices`. These methods run for every task on
+    the worker's event loop, so each does as little as it can for tasks that ask no GPU.
+    """
+
+    __slots__ = ()
+    _gpu: WorkerDevices
+
+    def _resource_restrictions_satisfied(self, ts: TaskState) -> bool:
+        restrictions = ts.resource_restrictions
+        if not restrictions:
+            return True
+        amount = gpu_amount(restrictions)
+        if amount is None:
+            return super()._resource_restrictions_satisfied(ts)
+        available = self.available_resources
+        for resource, needed in restrictions.items():
+            if resource != GPU and available[resource] < needed:
+                return False
+        # The ledger, never Dask's float sum, decides for GPU.
+        return self._gpu.can_place(amount)
+
+    def _acquire_resources(self, ts: TaskState) -> None:
+        restrictions = ts.resource_restrictions
+        amount = gpu_amount(restrictions) if restrictions else None
+        if amount is None:
+            super()._acquire_resources(ts)
+        else:
+            available = self.available_resources
+            for resource, needed in restrictions.items():
+                if resource != GPU:
+                    available[resource] -= needed
+            self._gpu.acquire(ts, amount)
+        if ts.annotations or amount:
+            self._gpu.route(ts, amount)
+
+    def _release_resources(self, ts: TaskState) -> None:
+        restrictions = ts.resource_restrictions
+        amount = gpu_amount(restrictions) if restrictions else None
+        if amount is None:
+            super()._release_resources(ts)
+            return
+        available = self.available_resources
+        for resource, needed in restrictions.items():
+            if resource != GPU:
+                available[resource] += needed
+        self._gpu.release(ts, amount, actor=ts.key in self.actors)
+
+    def _transition(self, ts: TaskState, finish: Any, *args: Any, stimulus_id: str) -> Any:
+        start = ts.state
+        result = super()._transition(ts, finish, *args, stimulus_id=stimulus_id)
+        gpu = self._gpu
+        key = ts.key
+        if start == "executing" and ts.state in ("cancelled", "released"):
+            # A cancelled isolated task: end its child now, so that its devices come back
+            # at once instead of when the task would have finished.
+            gpu.cancelled(key)
+        # The common case, answered without another call: no actor of ours ends here.
+        if not gpu.actors or key not in gpu.actors:
+            return result
+        if ts.state == "memory" and key in self.actors:
+            return result  # alive (constructed, or a no-op transition)
+        if gpu.actor_gone(key):
+            # Its devices are free now: start what waits for them in this same stimulus.
+            return merge_recs_instructions(result, self._ensure_computing())
+        return result
+
+    def _next_ready_task(self) -> TaskState | None:
+        # Dask's own choice first: it takes the head of the constrained heap when it fits
+        # (asking _resource_restrictions_satisfied above), else a ready task.
+        ts = super()._next_ready_task()
+        if ts is not None or not self.constrained:
+            return ts
+        # The head of the heap does not fit and nothing else is ready: a smaller GPU task
+        # behind it may fit (no head-of-line blocking).
+        candidate = self._gpu.pick_constrained(self)
+        if candidate is not None:
+            if candidate is self.constrained.peek():
+                self.constrained.pop()  # keeps the heap free of stale entries
+            else:
+                self.constrained.discard(candidate)
+        return candidate
+
+
+def admission_class(base: type[WorkerState], devices: WorkerDevices) -> type[WorkerState]:
+    """The class a worker's ``WorkerState`` becomes: ``base`` with GPU admission, bound to
+    this worker's ``devices`` (one class per worker: the state is a class attribute because
+    ``WorkerState`` has ``__slots__``)."""
+    if issubclass(base, GPUAdmission):
+        base = next(b for b in base.__mro__ if not issubclass(b, GPUAdmission))
+    return type(f"GPU{base.__name__}", (GPUAdmission, base), {"__slots__": (), "_gpu": devices})
