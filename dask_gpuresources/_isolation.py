@@ -15,8 +15,9 @@ variable once, when they load) has to run in a process of its own. This module p
   leased device 1.
 - A child is recycled after ``max_calls`` tasks, or when NVML says it still holds more GPU
   memory than ``recycle-gpu-memory`` after its task; its replacement starts at once. A child
-  that dies fails only its task (:class:`~dask_gpuresources.IsolatedTaskError`); a cancelled
-  task's child is ended; idle children are reaped; ``shutdown`` ends them all. A child also
+  that dies fails only its task (:class:`~dask_gpuresources.IsolatedTaskError`); one that
+  dies while idle fails nothing (the next task gets a fresh one); a cancelled task's child is
+  ended and never reused; idle children are reaped; ``shutdown`` ends them all. A child also
   ends itself if the worker process disappears.
 
 Messages travel over a socket pair as cloudpickle (protocol 5) frames, with large buffers
@@ -441,6 +442,10 @@ class IsolatedExecutor(Executor):
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, ...], list[_Child]] = {}
         self._running: dict[Hashable, _Child] = {}
+        #: Keys submitted here whose thread has not ended (a count per key): the only keys
+        #: a cancel can concern. The worker reports every cancelled task, thread tasks too.
+        self._inflight: dict[Hashable, int] = {}
+        #: Cancels of in-flight keys that have no child yet; dropped when their task ends.
         self._aborted: dict[Hashable, str] = {}
         self._actors: dict[Hashable, _Child] = {}
         self._closed = False
@@ -451,6 +456,7 @@ class IsolatedExecutor(Executor):
         self.recycled = 0
         self.crashed = 0
         self.reaped = 0
+        self.died_idle = 0
 
     # -- Executor ---------------------------------------------------------------------------
 
@@ -460,7 +466,32 @@ class IsolatedExecutor(Executor):
             raise RuntimeError("the isolated executor has been shut down")
         run_spec, *rest = args
         run = self._resolve(run_spec.key)
-        return self._threads.submit(fn, _ChildCall(self, run, run_spec), *rest, **kwargs)
+        with self._lock:
+            self._inflight[run.key] = self._inflight.get(run.key, 0) + 1
+        try:
+            return self._threads.submit(
+                self._run_task, run.key, fn, _ChildCall(self, run, run_spec), *rest, **kwargs
+            )
+        except BaseException:
+            self._task_ended(run.key)
+            raise
+
+    def _run_task(self, key: Hashable, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        # Whatever ``fn`` does (it may never call for a child), the task's end is recorded.
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._task_ended(key)
+
+    def _task_ended(self, key: Hashable) -> None:
+        with self._lock:
+            left = self._inflight.pop(key, 1) - 1
+            if left:
+                self._inflight[key] = left
+            else:
+                # A cancel that found no child to end concerned this run only: a later task
+                # that reuses the key must not inherit it.
+                self._aborted.pop(key, None)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """End every child, idle or running, and the threads that wait on them."""
@@ -483,16 +514,24 @@ class IsolatedExecutor(Executor):
     # -- what the worker plugin calls -------------------------------------------------------
 
     def abort(self, key: Hashable, reason: str) -> bool:
-        """End the child running ``key`` (the task was cancelled); True if there was one."""
+        """End the child running ``key`` (the task was cancelled); True if there was one.
+
+        Only keys submitted here and not yet ended count: the worker reports every
+        cancelled task, and a record for a thread task would fail a later isolated task that
+        reuses its key. A cancel that comes before Dask submits the task is not recorded;
+        that task runs to its end, and Dask discards its result.
+        """
         with self._lock:
+            if key not in self._inflight:
+                return False
             child = self._running.get(key)
             if child is None:
-                # Not started yet (its thread is queued): it fails as soon as it starts.
-                if len(self._aborted) > 10_000:
-                    self._aborted.clear()
+                # Queued, or its child is starting: it fails when it asks for its child.
                 self._aborted[key] = reason
                 return False
-        child.abort_reason = reason
+            # Marked under the lock that _checkin takes: a child that abort() has chosen to
+            # kill is never put back in the pool, whenever the kill itself lands.
+            child.abort_reason = reason
         child.kill()
         return True
 
@@ -587,19 +626,30 @@ class IsolatedExecutor(Executor):
     def _checkout(self, run: IsolatedRun) -> _Child:
         for attempt in (1, 2):
             with self._lock:
-                if self._closed:
-                    raise RuntimeError("the isolated executor has been shut down")
-                aborted = self._aborted.pop(run.key, None)
-                if aborted is not None:
-                    raise IsolatedTaskError(
-                        run.key, self._worker_address(), run.tokens, None, None, aborted
-                    )
-                pool = self._idle.get(run.tokens)
-                child = pool.pop() if pool else None
+                refused = self._refusal(run)
+                child, dead = (None, []) if refused else self._take_idle(run.tokens)
+                if child is not None:
+                    self._running[run.key] = child
+            self._discard_dead(dead)
+            if refused is not None:
+                raise refused
             if child is None:
-                child = self._start(run.tokens)
-            with self._lock:
-                self._running[run.key] = child
+                fresh = self._start(run.tokens)
+                # Checked again with the claim, in one hold of the lock: a cancel while the
+                # child was starting is either recorded (seen here) or finds it running.
+                with self._lock:
+                    refused = self._refusal(run)
+                    if refused is None:
+                        self._running[run.key] = fresh
+                    elif not self._closed:  # still warm for the next task on these devices
+                        fresh.idle_since = time.monotonic()
+                        self._idle.setdefault(fresh.tokens, []).append(fresh)
+                        self._ensure_reaper()
+                if refused is not None:
+                    if self._closed:
+                        fresh.close()
+                    raise refused
+                child = fresh
             try:
                 child.wait_ready()
                 return child
@@ -612,6 +662,46 @@ class IsolatedExecutor(Executor):
                 if attempt == 2:
                     raise self._died(child, run, "could not start") from err
         raise AssertionError("unreachable")
+
+    def _refusal(self, run: IsolatedRun) -> Exception | None:
+        """Why ``run`` may not have a child (closed, or cancelled while queued); lock held."""
+        if self._closed:
+            return RuntimeError("the isolated executor has been shut down")
+        aborted = self._aborted.pop(run.key, None)
+        if aborted is not None:
+            return IsolatedTaskError(
+                run.key, self._worker_address(), run.tokens, None, None, aborted
+            )
+        return None
+
+    def _take_idle(self, tokens: tuple[str, ...]) -> tuple[_Child | None, list[_Child]]:
+        """A live idle child for ``tokens``, and the dead ones met on the way; lock held.
+
+        An idle child can die (the OOM killer, an operator's ``kill``); handed to a task, its
+        death would be blamed on that task.
+        """
+        pool = self._idle.get(tokens)
+        dead = []
+        while pool:
+            child = pool.pop()
+            if child.proc.poll() is None:
+                return child, dead
+            dead.append(child)
+        self._idle.pop(tokens, None)
+        return None, dead
+
+    def _discard_dead(self, dead: Sequence[_Child]) -> None:
+        """Let go of idle children that died: log it, and reap their processes."""
+        for child in dead:
+            self.died_idle += 1
+            logger.warning(
+                "Isolated child pid %d (CUDA_VISIBLE_DEVICES=%s) died while idle, exit code "
+                "%s; the next task on these devices gets a fresh one",
+                child.pid,
+                ",".join(child.tokens),
+                child.proc.returncode,
+            )
+            child.close()
 
     def _checkin(self, child: _Child, run: IsolatedRun) -> None:
         child.calls += 1
@@ -629,12 +719,17 @@ class IsolatedExecutor(Executor):
         with self._lock:
             self._running.pop(run.key, None)
             closed = self._closed
-            if reason is None and not closed:
+            # abort() marks a child under this lock before it kills it, so a marked child is
+            # dead or about to be; one that ended after answering is no use either.
+            lost = child.abort_reason is not None or child.proc.poll() is not None
+            if reason is None and not closed and not lost:
                 child.idle_since = time.monotonic()
                 self._idle.setdefault(child.tokens, []).append(child)
                 self._ensure_reaper()
                 return
         child.close()
+        if lost:  # as for a child lost mid-task: the next task starts one when it needs it
+            return
         self.recycled += reason is not None
         if self.spare and not closed:
             spare = self._start(child.tokens)
@@ -698,21 +793,29 @@ class IsolatedExecutor(Executor):
             self.reap()
 
     def reap(self) -> int:
-        """End children idle longer than ``idle_timeout``; returns how many."""
+        """End children idle longer than ``idle_timeout``, drop dead ones; returns how many."""
         deadline = time.monotonic() - self.idle_timeout
-        stale = []
+        stale: list[_Child] = []
+        dead: list[_Child] = []
         with self._lock:
             for tokens, pool in list(self._idle.items()):
-                keep = [c for c in pool if c.idle_since > deadline]
-                stale += [c for c in pool if c.idle_since <= deadline]
+                keep = []
+                for c in pool:
+                    if c.proc.poll() is not None:
+                        dead.append(c)
+                    elif c.idle_since <= deadline:
+                        stale.append(c)
+                    else:
+                        keep.append(c)
                 if keep:
                     self._idle[tokens] = keep
                 else:
                     del self._idle[tokens]
-        self.reaped += len(stale)
+        self.reaped += len(stale) + len(dead)
+        self._discard_dead(dead)
         for child in stale:
             child.close()
-        return len(stale)
+        return len(stale) + len(dead)
 
 
 if __name__ == "__main__":
