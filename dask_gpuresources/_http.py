@@ -1,8 +1,9 @@
 """The scheduler's HTTP side: ``/api/v1/gpu_allocations`` and Prometheus gauges.
 
 - ``GET /api/v1/gpu_allocations`` returns the allocation table as JSON (workers are asked
-  now): ``{"workers": {addr: {"gpus", "executing", "devices": {id: {"holders": [{"key",
-  "kind", "amount"}], ...}}}}}``.
+  now): ``{"workers": {addr: {"gpus", "executing", "overlap", "refused", "devices": {id:
+  {"holders": [{"key", "kind", "amount"}], "shared_with", ...}}}}}``; ``overlap`` names the
+  other workers of the host that hand out the same physical devices.
 - Gauges named ``dask_gpuresources_*`` join the scheduler's ``/metrics`` (the process-wide
   ``prometheus_client`` registry that Dask serves), labelled by ``worker`` and ``device``, read
   from the workers' last heartbeats. ``prometheus_client`` stays optional: without it Dask's
@@ -31,6 +32,10 @@ METRICS = {
     "dask_gpuresources_device_holders": "Tasks and actors holding a share of a device.",
     "dask_gpuresources_device_memory_used_bytes": "Device memory in use (NVML).",
     "dask_gpuresources_device_utilization_percent": "Device utilization (NVML).",
+    "dask_gpuresources_device_shared_with": (
+        "Other workers of the same host that hand out this physical device too (0 unless "
+        "workers overlap)."
+    ),
 }
 
 _plugins: weakref.WeakSet = weakref.WeakSet()
@@ -82,6 +87,9 @@ class _Collector:
                     families["dask_gpuresources_device_held"].add_metric(labels, held)
                     families["dask_gpuresources_device_holders"].add_metric(
                         labels, len(info["holders"])
+                    )
+                    families["dask_gpuresources_device_shared_with"].add_metric(
+                        labels, len(info.get("shared_with") or ())
                     )
                     if info.get("memory_used") is not None:
                         families["dask_gpuresources_device_memory_used_bytes"].add_metric(

@@ -347,13 +347,37 @@ def status(address: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(table, indent=2))
         return
-    click.echo(
-        f"Scheduler {address}: {len(table['workers'])} worker(s), {held:g}/{total:g} GPUs held"
-    )
+    for line in _status_lines(table):
+        click.echo(line)
+
+
+def _status_lines(table: dict) -> list[str]:
+    """The text of ``status`` for a table as ``status --json`` prints it."""
+    totals = table["totals"]
+    lines = [
+        f"Scheduler {table['scheduler']}: {totals['workers']} worker(s), "
+        f"{totals['gpus_held']:g}/{totals['gpus']:g} GPUs held"
+    ]
     for addr, worker in table["workers"].items():
-        click.echo(f"  {addr}  GPU={worker['gpus']:g}  threads={worker['threads']}")
-        for device, holders in worker["devices"].items():
-            who = ", ".join(
-                f"{h['key']} ({h['kind']}, {h['amount']:g})" for h in holders["holders"]
+        lines.append(f"  {addr}  GPU={worker['gpus']:g}  threads={worker.get('threads', 0)}")
+        if worker.get("overlap"):
+            what = (
+                "its GPUs are refused (gpuresources.scheduler.overlap: raise)"
+                if worker.get("refused")
+                else "tasks on both use one device at once"
             )
-            click.echo(f"    device {device}: {who or 'free'}")
+            lines.append(
+                f"    WARNING: hands out the same physical GPUs as "
+                f"{', '.join(worker['overlap'])}: {what}; give each worker its own devices "
+                f"with CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=0,1 dask worker ... "
+                f"and CUDA_VISIBLE_DEVICES=2,3 dask worker ...)"
+            )
+        for device, info in worker["devices"].items():
+            who = ", ".join(f"{h['key']} ({h['kind']}, {h['amount']:g})" for h in info["holders"])
+            also = (
+                f"  [also handed out by {', '.join(info['shared_with'])}]"
+                if info.get("shared_with")
+                else ""
+            )
+            lines.append(f"    device {device}: {who or 'free'}{also}")
+    return lines

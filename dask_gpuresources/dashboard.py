@@ -3,7 +3,9 @@
 ``/gpu-allocations`` (linked from the dashboard's navigation bar once the scheduler plugin
 starts) draws one bar per device: the share held (0 to 1), coloured by who holds it (tasks,
 actors, both), with the holder keys on hover, and NVML's memory and utilization where NVML
-sees the device. It updates twice a second from the workers' heartbeats.
+sees the device. It updates twice a second from the workers' heartbeats. A device that
+another worker of the same host hands out too (the same physical device used twice) is drawn
+in red, with the other workers named in the table and on hover.
 
 Task keys are user input: the hover text is built from HTML-escaped keys.
 """
@@ -33,7 +35,13 @@ __all__ = ["GPUAllocations", "ROUTE", "install_page"]
 logger = logging.getLogger("distributed.gpuresources")
 
 ROUTE = "/gpu-allocations"
-COLORS = {"free": "#d9d9d9", "task": "#1f77b4", "actor": "#ff7f0e", "both": "#9467bd"}
+COLORS = {
+    "free": "#d9d9d9",
+    "task": "#1f77b4",
+    "actor": "#ff7f0e",
+    "both": "#9467bd",
+    "overlap": "#d62728",  # the device is handed out by another worker of the host as well
+}
 
 
 class GPUAllocations(DashboardComponent):
@@ -54,6 +62,7 @@ class GPUAllocations(DashboardComponent):
                 "holders_text": [],
                 "memory": [],
                 "utilization": [],
+                "overlap": [],
             },
             name="gpu-allocations-source",
         )
@@ -75,6 +84,7 @@ class GPUAllocations(DashboardComponent):
                 <div>held: @held{0.00} (@kind)</div>
                 <div>@holders{safe}</div>
                 <div>@memory @utilization</div>
+                <div>@overlap</div>
                 """
             )
         )
@@ -91,6 +101,7 @@ class GPUAllocations(DashboardComponent):
                 TableColumn(field="holders_text", title="holders (key, kind, share)"),
                 TableColumn(field="memory", title="memory"),
                 TableColumn(field="utilization", title="utilization"),
+                TableColumn(field="overlap", title="also handed out by"),
             ],
             index_position=None,
             sizing_mode="stretch_width",
@@ -111,7 +122,12 @@ class GPUAllocations(DashboardComponent):
                 data["device"].append(device)
                 data["held"].append(min(sum(h["amount"] for h in holders), 1.0))
                 data["kind"].append(kind)
-                data["color"].append(COLORS[kind])
+                shared = info.get("shared_with") or []
+                data["color"].append(COLORS["overlap"] if shared else COLORS[kind])
+                refused = " (its GPUs are refused here)" if worker.get("refused") else ""
+                data["overlap"].append(
+                    f"also handed out by {', '.join(shared)}{refused}" if shared else ""
+                )
                 data["holders_text"].append(
                     "; ".join(f"{h['key']} ({h['kind']}, {h['amount']:g})" for h in holders)
                     or "free"
