@@ -1,7 +1,8 @@
 """Dask config defaults for dask_gpuresources (``gpuresources.yaml`` beside this file).
 
-Read config at call time with ``dask.config.get("gpuresources....")``; importing this module
-only registers the defaults and writes nothing to the home directory.
+Read config at call time with :func:`get` (``dask.config.get`` with this package's default
+as the fallback); importing this module only registers the defaults and writes nothing to the
+home directory.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ def defaults() -> dict:
     """The package's default configuration, as loaded from ``gpuresources.yaml``."""
     with open(CONFIG_PATH) as f:
         return yaml.safe_load(f)
-
-
 
 
 def _default(key: str) -> object:

@@ -48,6 +48,7 @@ def register_event_handler(event: type, handler: object) -> None:
 
     WorkerState.__dict__["_handle_event"].register(event, handler)
 
+
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
@@ -94,6 +95,43 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "distributed.worker_state_machine",
         "WorkerState.plugins",
         "the state machine finds the plugin (and its ledger) through this shared dict",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState._transition",
+        "an actor's hold ends on whichever transition takes its key out of the live actors",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState._handle_event",
+        "DevicesFreed (ours) wakes the state machine when devices come free outside a "
+        "transition (singledispatch registration)",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "StateMachineEvent",
+        "the base class of the DevicesFreed event",
+    ),
+    (
+        "distributed.worker",
+        "Worker.extensions",
+        "the worker's device state lives as long as the worker (closed with it), not as "
+        "long as a plugin instance (Dask replaces a plugin registered again)",
+    ),
+    (
+        "distributed.worker",
+        "Worker.handlers",
+        "the worker serves its device snapshot to the scheduler's table",
+    ),
+    (
+        "distributed.worker",
+        "Worker.set_resources",
+        "a runtime GPU count change resizes the ledger",
+    ),
+    (
+        "distributed.worker",
+        "Worker.handle_stimulus",
+        "sends DevicesFreed to the state machine",
     ),
     (
         "distributed.worker",

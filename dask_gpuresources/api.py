@@ -42,7 +42,7 @@ from distributed.deploy.spec import ProcessInterface
 from distributed.deploy.subprocess import SubprocessWorker
 from distributed.worker import thread_state
 
-from . import _context
+from . import _config, _context
 from ._allocator import parse_gpu_amount
 from ._isolation import ISOLATION_MODES, parse_max_calls
 from .exceptions import (
@@ -405,7 +405,7 @@ def _refresh_largest(runtime: _Runtime) -> float:
 def _check_feasible(key: str, amount: Any) -> None:
     """Raise at ``.remote()`` for a request no worker can hold (unless clusters may grow)."""
     runtime = _runtime
-    if runtime is None or not amount or dask.config.get("gpuresources.infeasible") == "wait":
+    if runtime is None or not amount or _config.get("gpuresources.infeasible") == "wait":
         return
     need = math.ceil(amount)
     if need <= runtime.largest_gpus:

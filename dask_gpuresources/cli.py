@@ -322,11 +322,19 @@ def status(address: str | None, as_json: bool) -> None:
         )
     client = _connect(address)
     try:
-        from . import install
         from .scheduler import HANDLER
 
-        install(client)
-        workers = client.sync(getattr(client.scheduler, f"{HANDLER}_table"), refresh=True)
+        # Read-only: status never installs or re-registers anything on a running cluster.
+        try:
+            workers = client.sync(getattr(client.scheduler, f"{HANDLER}_table"), refresh=True)
+        except Exception as err:
+            if "unknown operation" not in str(err).lower():
+                raise
+            raise click.ClickException(
+                f"the scheduler at {address} runs without dask_gpuresources; start it with "
+                "`dask scheduler --preload dask_gpuresources`, or equip it from Python with "
+                "dask_gpuresources.install(client)"
+            ) from None
         nthreads = {
             a: w.get("nthreads", 0)
             for a, w in client.scheduler_info(n_workers=-1)["workers"].items()

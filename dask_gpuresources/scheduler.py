@@ -553,6 +553,11 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 continue
             if not amount:
                 continue
+            exact = float(amount)
+            if restrictions[GPU] != exact:
+                # One representation end to end: what workers (and Dask's books) see is the
+                # amount the ledger will lease, a whole number of 1/10000 units.
+                ts.resource_restrictions = {**restrictions, GPU: exact}
             if largest is None:
                 largest = self._largest_worker()
             if largest[0] >= devices:

@@ -279,7 +279,8 @@ async def test_worker_detects_gpus_with_nvml(c, s):
     with captured_logger("distributed.gpuresources", level=logging.INFO) as log:
         plugin = gr.GPUWorkerPlugin(detect=True, nvml=FakeNVML(unavailable="no NVML here"))
         async with Worker(s.address, nthreads=1, plugins={plugin}) as w:
-            assert s.workers[w.address].resources == {}  # a worker with no GPU stays as Dask made it
+            # a worker with no GPU stays as Dask made it
+            assert s.workers[w.address].resources == {}
     assert log.getvalue().count("no NVML here") == 1
 
     with captured_logger("distributed.gpuresources", level=logging.WARNING) as log:

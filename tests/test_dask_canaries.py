@@ -1,0 +1,100 @@
+"""Behavioural canaries: what distributed does that the design relies on (or works around).
+
+Each test pins one behaviour of distributed, not our code. When a release changes it, the
+test fails with the assumption in its name, and ``_dask_internals`` (and DESIGN.md's "Facts
+about Dask") need a review.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+from distributed import Worker, WorkerPlugin
+from distributed.utils_test import gen_cluster
+from distributed.worker_state_machine import TaskState, WorkerState
+
+from dask_gpuresources._admission import DevicesFreed
+
+
+def test_dask_books_fractional_resources_as_floats_that_drift():
+    # Why GPU admission is the ledger's alone: Dask's sum drifts below 1.
+    state = WorkerState(resources={"GPU": 1}, nthreads=2)
+    small, large = TaskState("small"), TaskState("large")
+    small.resource_restrictions = {"GPU": 0.1}
+    large.resource_restrictions = {"GPU": 0.2}
+    state._acquire_resources(small)
+    state._acquire_resources(large)
+    state._release_resources(large)
+    state._release_resources(small)
+    assert state.available_resources["GPU"] == 0.9999999999999999
+    whole = TaskState("whole")
+    whole.resource_restrictions = {"GPU": 1}
+    assert not WorkerState._resource_restrictions_satisfied(state, whole)
+
+
+def test_our_event_reaches_the_state_machine():
+    state = WorkerState(resources={"GPU": 1}, nthreads=1)
+    instructions = state.handle_stimulus(DevicesFreed(stimulus_id="canary"))
+    assert instructions == []
+
+
+class _Counting(WorkerPlugin):
+    name = "canary"
+    idempotent = True
+
+    def __init__(self, log):
+        self.log = log
+
+    def setup(self, worker):
+        self.log.append(("setup", id(self)))
+
+    def teardown(self, worker):
+        self.log.append(("teardown", id(self)))
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_a_plugin_added_again_under_its_name_replaces_the_first(c, s, a):
+    # Why device state lives in worker.extensions, not in the plugin instance.
+    log = []
+    first, second = _Counting(log), _Counting(log)
+    await a.plugin_add(first)
+    await a.plugin_add(second)
+    assert log == [("setup", id(first)), ("teardown", id(first)), ("setup", id(second))]
+    assert a.plugins["canary"] is second
+
+
+class _Closes:
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_worker_close_closes_its_extensions(c, s):
+    async with Worker(s.address, nthreads=1) as w:
+        extension = w.extensions["canary"] = _Closes()
+    assert extension.closed
+
+
+class _Actor:
+    def ping(self):
+        return True
+
+
+@gen_cluster(client=True, nthreads=[("", 2)], worker_kwargs={"resources": {"GPU": 1}})
+async def test_dask_frees_an_actors_resources_once_it_is_constructed(c, s, a):
+    # Why an actor's lifetime hold on its devices is ours to keep.
+    actor = await c.submit(_Actor, actor=True, resources={"GPU": 1})
+    assert await actor.ping()
+    assert a.state.available_resources["GPU"] == 1
+    assert actor.key in a.state.actors
+    del actor
+    gc.collect()  # the proxy and its future hold each other
+    for _ in range(200):
+        if not a.state.actors:
+            break
+        await asyncio.sleep(0.02)
+    assert not a.state.actors  # the key leaves the live actors when released
