@@ -338,8 +338,15 @@ class WorkerDevices:
         # Dask's float view of GPU, from exact numbers: total minus what running tasks hold.
         state = self.worker.state
         total = state.total_resources.get(GPU)
-        if total is not None:
-            state.available_resources[GPU] = float(Fraction(total) - self._book_used)
+        if total is None:
+            return
+        used = self._book_used
+        if type(used) is not int:
+            if used.denominator != 1:
+                state.available_resources[GPU] = float(Fraction(total) - used)
+                return
+            used = self._book_used = used.numerator  # whole again: back to int arithmetic
+        state.available_resources[GPU] = total - used  # exact: whole numbers of devices
 
     def on_actor_release(self, key: Hashable, finalizer: Any) -> None:
         """Call ``finalizer()`` when the actor ``key`` goes away (released, killed, lost).
