@@ -254,6 +254,83 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "WorkStealing.in_flight",
         "a move rebalance() requested is followed until stealing settles it",
     ),
+    (
+        "distributed.scheduler",
+        "Scheduler.handlers",
+        "the allocation table, its JSON form and the workers' device announcements are "
+        "scheduler RPC handlers",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.extensions",
+        "the work-stealing extension is found here (GPU tasks are kept out of it)",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.transitions",
+        "GPU tasks placed on a worker whose devices are refused (overlap: raise) are released",
+    ),
+    (
+        "distributed.scheduler",
+        "WorkerState.resources",
+        "a worker's declared GPU count, read for placement and set to 0 when refused",
+    ),
+    (
+        "distributed.scheduler",
+        "WorkerState.processing",
+        "the GPU tasks queued on an overloaded worker, for rebalance()",
+    ),
+    (
+        "distributed.scheduler",
+        "TaskState.priority",
+        "rebalance() moves the lowest-priority queued GPU tasks first",
+    ),
+    (
+        "distributed.dashboard.components",
+        "DashboardComponent",
+        "the GPU allocations page is a dashboard component",
+    ),
+    (
+        "distributed.dashboard.components.scheduler",
+        "BOKEH_THEME",
+        "the page uses the dashboard's theme",
+    ),
+    (
+        "distributed.dashboard.components.scheduler",
+        "env",
+        "the page renders with the dashboard's Jinja environment",
+    ),
+    (
+        "distributed.dashboard.core",
+        "BokehApplication",
+        "the page is added to the scheduler's Bokeh server",
+    ),
+    (
+        "distributed.dashboard.scheduler",
+        "template_variables",
+        "the page appears in the dashboard's navigation",
+    ),
+    (
+        "distributed.http.utils",
+        "RequestHandler",
+        "the JSON route /api/v1/gpu_allocations",
+    ),
+    (
+        "distributed.deploy.subprocess",
+        "SubprocessWorker",
+        "init()'s local workers are subprocess workers of a SpecCluster",
+    ),
+    (
+        "distributed.deploy.spec",
+        "ProcessInterface",
+        "init()'s prestarted worker processes",
+    ),
+    (
+        "distributed.worker",
+        "Worker.execute",
+        "Dask dispatches a task to a non-thread-pool executor by the executor's class name "
+        "(one without 'ThreadPoolExecutor' gets _run_task_simple)",
+    ),
 )
 
 
