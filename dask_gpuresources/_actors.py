@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import pickle
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -68,11 +69,14 @@ class ActorHost:
             devices.on_actor_release(key, self.close)
 
     async def call(self, message: tuple) -> Any:
-        """Run ``(caller, seq, method, args, kwargs)``: a caller's calls run in ``seq`` order.
+        """Run ``(caller, seq, method, payload)``: a caller's calls run in ``seq`` order.
 
-        One argument, so that Dask serializes one object per call, not five.
+        One argument, so that Dask serializes one object per call. ``payload`` is
+        ``(args, kwargs)`` pickled by the caller before it took ``seq`` (a call that cannot be
+        pickled never takes one); ``method`` None only lets ``seq`` pass (a call whose
+        arguments failed after it took its number).
         """
-        caller, seq, method, args, kwargs = message
+        caller, seq, method, payload = message
         if self._next[caller] < seq:  # arrived before an earlier call: wait for its turn
             self._early += 1
             try:
@@ -81,8 +85,11 @@ class ActorHost:
             finally:
                 self._early -= 1
         try:
+            if method is None:
+                return None
             if self._dead is not None:
                 raise ActorDiedError(self.key, self.worker, self._dead)
+            args, kwargs = pickle.loads(payload)
             context = TaskContext(
                 f"{self.key}.{method}#{seq}",
                 self.context.gpu_ids,

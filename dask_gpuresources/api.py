@@ -23,6 +23,7 @@ import logging
 import math
 import numbers
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -52,6 +53,8 @@ from .exceptions import (
     InvalidRequestError,
     NoLeaseError,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ActorClass",
@@ -494,6 +497,23 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
+def _has_refs(value: Any) -> bool:
+    """Whether ``value`` holds an ObjectRef, in the nestings :func:`_unwrap` follows."""
+    if isinstance(value, ObjectRef):
+        return True
+    if type(value) in (list, tuple, set, frozenset):
+        return any(_has_refs(v) for v in value)
+    if type(value) is dict:
+        return any(_has_refs(v) for v in value.values())
+    return False
+
+
+def _dumps(value: Any) -> bytes:
+    import cloudpickle
+
+    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _values(value: Any) -> Any:
     """Object refs replaced by their values, in any nesting (for actor calls)."""
     if isinstance(value, ObjectRef):
@@ -800,13 +820,22 @@ def _key(name: str) -> str:
 
 
 class _Batcher:
-    """Sends ``.remote()`` calls to the scheduler in batches.
+    """The one ordered sender of ``.remote()`` calls.
 
     One ``client.submit`` per call costs the scheduler a graph update each (about 2 ms on a
     small machine); consecutive calls with the same function and options go as one
     ``client.map`` instead. A batch leaves when it reaches ``LIMIT`` calls, when anything
     waits on a result (``get``, ``wait``, an actor call, ...), or 1 ms after its first call,
-    so nothing is held back. Calls keep their order across batches.
+    so nothing is held back.
+
+    Order: whoever sends (the background thread or a caller's :meth:`flush`) holds
+    ``sending`` from taking the pending calls to having sent them, so a batch never overtakes
+    an earlier one (a task never reaches the scheduler before the tasks it depends on), and
+    :meth:`flush` returns only once everything added before it was sent.
+
+    Errors: a call that cannot be sent (an argument or function that does not pickle) fails
+    only its own ref, with the original exception, through a task under its key that raises
+    it, so tasks that depend on it fail with it too. The sender never dies.
     """
 
     LIMIT = 512
@@ -817,21 +846,24 @@ class _Batcher:
         self.pending: list[tuple] = []
         self.functions: dict[Callable, Future] = {}
         self.lock = threading.Lock()
+        self.sending = threading.Lock()  # held from swap to sent
         self.wake = threading.Condition(self.lock)
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="remote-batcher", daemon=True)
         self.thread.start()
 
-    def add(self, function: Callable, args: tuple, kwargs: dict, key: str, opts: _Options):
-        future = Future(key, self.client)
+    def add(self, function: Callable, args: tuple, kwargs: dict, ref: ObjectRef, opts: _Options):
         with self.lock:
-            self.pending.append((function, args, kwargs, key, opts))
+            if self.closed:
+                raise RuntimeError(
+                    "dask_gpuresources was shut down; call init() again before .remote()"
+                )
+            self.pending.append((function, args, kwargs, ref, opts))
             full = len(self.pending) >= self.LIMIT
             if len(self.pending) == 1:
                 self.wake.notify()
         if full:
             self.flush()
-        return future
 
     def _run(self) -> None:
         while True:
@@ -841,20 +873,24 @@ class _Batcher:
                 if self.closed:
                     return
             time.sleep(self.DELAY)
-            self.flush()
+            try:
+                self.flush()
+            except BaseException:  # flush fails refs, not itself; if it ever did, live on
+                logger.exception("dask_gpuresources: sending remote calls failed")
 
     def flush(self) -> None:
-        with self.lock:
-            batch, self.pending = self.pending, []
-        start = 0
-        for i in range(1, len(batch) + 1):
-            if (
-                i == len(batch)
-                or batch[i][0] is not batch[start][0]
-                or batch[i][4] != batch[start][4]
-            ):
-                self._send(batch[start:i])
-                start = i
+        with self.sending:
+            with self.lock:
+                batch, self.pending = self.pending, []
+            start = 0
+            for i in range(1, len(batch) + 1):
+                if (
+                    i == len(batch)
+                    or batch[i][0] is not batch[start][0]
+                    or batch[i][4] != batch[start][4]
+                ):
+                    self._send_or_fail(batch[start:i])
+                    start = i
 
     def _shipped(self, function: Callable) -> Any:
         """The function as data in the cluster: shipped once, not pickled into every task.
@@ -869,6 +905,16 @@ class _Batcher:
             self.functions[function] = future
         return future
 
+    def _send_or_fail(self, run: list[tuple]) -> None:
+        try:
+            self._send(run)
+        except Exception as exc:
+            if len(run) > 1:  # find the calls that cannot be sent; send the others
+                for call in run:
+                    self._send_or_fail([call])
+                return
+            self._fail(run[0][3], _original(exc))
+
     def _send(self, run: list[tuple]) -> None:
         function, opts = run[0][0], run[0][4]
         shipped = self._shipped(function)
@@ -878,17 +924,45 @@ class _Batcher:
                 [shipped] * len(run),
                 [c[1] for c in run],
                 [c[2] for c in run],
-                key=[c[3] for c in run],
+                key=[c[3]._id for c in run],
                 resources=opts.dask_resources() or None,
                 retries=opts.max_retries,
                 pure=False,
             )
 
+    def _fail(self, ref: ObjectRef, exc: BaseException) -> None:
+        """Fail ``ref`` with ``exc``: a task under its key raises it (dependents fail too)."""
+        try:
+            try:
+                pickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            # map, not submit: submit sends nothing for a key this client already knows
+            self.client.map(_reraise, [exc], key=[ref._id], pure=False)
+        except Exception:  # the client itself is gone: fail the ref where it is
+            ref._future = _Failed(exc)
+
     def close(self) -> None:
-        self.flush()
+        with contextlib.suppress(Exception):
+            self.flush()
         with self.lock:
             self.closed = True
             self.wake.notify()
+        self.thread.join(timeout=10)
+
+
+def _reraise(exc: BaseException) -> Any:
+    raise exc
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The error under Dask's "Could not serialize object of type ..." wrapper."""
+    while isinstance(exc, TypeError) and exc.__cause__ is not None:
+        text = str(exc.args[0]) if exc.args else ""
+        if not text.startswith("Could not serialize"):
+            break
+        exc = exc.__cause__
+    return exc
 
 
 def _flush() -> None:
@@ -928,8 +1002,9 @@ class RemoteFunction:
         opts = self._opts
         key = _key(opts.name or self._function.__name__)
         _check_feasible(key, opts.num_gpus)
-        future = _runtime.batcher.add(self._function, _unwrap(args), _unwrap(kwargs), key, opts)
-        return ObjectRef(future, key)
+        ref = ObjectRef(Future(key, _runtime.client), key)
+        _runtime.batcher.add(self._function, _unwrap(args), _unwrap(kwargs), ref, opts)
+        return ref
 
 
 # -- actors --------------------------------------------------------------------------------
@@ -1024,25 +1099,32 @@ class ActorHandle:
         dead = self._status_error()
         if dead is not None:
             return ObjectRef(_Failed(dead), call_id)
-        # Dask resolves futures only in task arguments: an actor call gets the values.
-        args, kwargs = _values(args), _values(kwargs)
+        payload = None
+        if not _has_refs((args, kwargs)):
+            # Serialized before a sequence number is taken: a call that cannot be sent
+            # fails alone, and the calls after it do not wait for it at the actor.
+            try:
+                payload = _dumps((args, kwargs))
+            except Exception as exc:
+                return ObjectRef(_Failed(_original(exc)), call_id)
         with self._lock:
             seq = next(self._seq)
-            ready = self._proxy is not None and self._deferred == 0
+            ready = payload is not None and self._proxy is not None and self._deferred == 0
             if not ready:
-                # Not constructed yet (it may be waiting for devices): send the call from a
-                # thread once it is, so that .remote() returns at once, as in Ray.
+                # Not constructed yet (it may be waiting for devices), or arguments still to
+                # be computed: the call leaves from the handle's own thread once it can, so
+                # that .remote() returns at once, as in Ray; calls keep their order.
                 self._deferred += 1
         if ready:
-            return ObjectRef(self._send(self._proxy, seq, method, args, kwargs), f"{call_id}#{seq}")
+            return ObjectRef(self._send(self._proxy, seq, method, payload), f"{call_id}#{seq}")
         if self._dispatcher is None:
             self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix=f"send-{self._key}")
         return ObjectRef(
-            self._dispatcher.submit(self._send_later, seq, method, args, kwargs),
+            self._dispatcher.submit(self._send_later, seq, method, args, kwargs, payload),
             f"{call_id}#{seq}",
         )
 
-    def _send(self, proxy: Any, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
+    def _send(self, proxy: Any, seq: int, method: str | None, payload: bytes) -> Any:
         try:
             call = self._proxy_call
             if call is None:
@@ -1052,16 +1134,26 @@ class ActorHandle:
                 # actor, where the proxy answers differently (a direct local call).
                 if not getattr(thread_state, "actor", False):
                     self._proxy_call = call
-            return call((self._caller, seq, method, args, kwargs))
+            return call((self._caller, seq, method, payload))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
             return _Failed(ActorDiedError(self._key, proxy._address, str(exc)))
 
-    def _send_later(self, seq: int, method: str, args: tuple, kwargs: dict) -> Any:
+    def _send_later(
+        self, seq: int, method: str, args: tuple, kwargs: dict, payload: bytes | None
+    ) -> Any:
         try:
             proxy = self._future.result()
             with self._lock:
                 self._proxy = self._proxy or proxy
-            return self._send(proxy, seq, method, args, kwargs).result()
+            if payload is None:
+                try:
+                    # the refs' values, computed elsewhere: waited for here, not in .remote()
+                    payload = _dumps(_values((args, kwargs)))
+                except BaseException as exc:
+                    # the actor still expects this sequence number: let the next call go
+                    self._send(proxy, seq, None, b"")
+                    raise _original(exc) from None
+            return self._send(proxy, seq, method, payload).result()
         finally:
             with self._lock:
                 self._deferred -= 1
