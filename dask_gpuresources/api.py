@@ -82,7 +82,8 @@ __all__ = [
 class _Runtime:
     client: Client
     cluster: SpecCluster | None
-    largest_gpus: float = 0.0
+    cpu_declared: bool = False  # whether CPU is a Dask resource here, or worker threads
+    feasible: set = field(default_factory=set)  # request shapes some worker can hold
     dashboard: bool = True
     batcher: _Batcher | None = None
 
@@ -204,7 +205,7 @@ def init(
         install(client)
         runtime = _Runtime(client, cluster, dashboard=dashboard or cluster is None)
         runtime.batcher = _Batcher(client)
-        _refresh_largest(runtime)
+        _capacities(runtime)
     except BaseException:
         client.close()
         if cluster is not None:
@@ -322,9 +323,11 @@ def _local_cluster(
     per = gpus // n_workers
     workers = {}
     for i in range(n_workers):
+        nthreads = max(threads // n_workers, per, 1)
         kwargs: dict[str, Any] = {
-            "nthreads": max(threads // n_workers, per, 1),
-            "resources": {"GPU": per},
+            "nthreads": nthreads,
+            # CPU slots are the worker's threads, declared so that num_cpus=n holds n of them
+            "resources": {"GPU": per, "CPU": nthreads},
             **options.get("worker_options", {}),
         }
         env = None
@@ -399,26 +402,60 @@ def _client() -> Client:
     return _runtime.client
 
 
-def _refresh_largest(runtime: _Runtime) -> float:
-    workers = runtime.client.scheduler_info(n_workers=-1)["workers"].values()
-    runtime.largest_gpus = max((w.get("resources", {}).get("GPU", 0) for w in workers), default=0)
-    return runtime.largest_gpus
+def _capacities(runtime: _Runtime) -> list[tuple[str, dict[str, float]]]:
+    """Each worker's schedulable resources; ``CPU`` is its thread count unless declared."""
+    out = []
+    declared = False
+    for address, w in runtime.client.scheduler_info(n_workers=-1)["workers"].items():
+        caps = {k: float(v) for k, v in w.get("resources", {}).items()}
+        declared = declared or "CPU" in caps
+        caps.setdefault("CPU", float(w.get("nthreads", 0)))
+        out.append((address, caps))
+    runtime.cpu_declared = declared
+    return out
 
 
-def _check_feasible(key: str, amount: Any) -> None:
-    """Raise at ``.remote()`` for a request no worker can hold (unless clusters may grow)."""
+def _request(opts: _Options) -> dict[str, float]:
+    """What one call or actor needs of a single worker (GPUs rounded up to whole devices)."""
+    need = {k: float(v) for k, v in opts.resources.items() if v}
+    if opts.num_gpus:
+        need["GPU"] = float(math.ceil(opts.num_gpus))
+    if opts.num_cpus:
+        need["CPU"] = float(opts.num_cpus)
+    return need
+
+
+def _check_feasible(key: str, opts: _Options) -> None:
+    """Raise at ``.remote()`` for a request no worker can hold (unless clusters may grow).
+
+    Every resource counts, not only GPUs: Dask would leave such a task waiting silently.
+    """
     runtime = _runtime
-    if runtime is None or not amount or _config.get("gpuresources.infeasible") == "wait":
+    if runtime is None:
         return
-    need = math.ceil(amount)
-    if need <= runtime.largest_gpus:
+    need = _request(opts)
+    if not need:
         return
-    if need <= _refresh_largest(runtime):  # a bigger worker joined since we looked
+    shape = tuple(sorted(need.items()))
+    if shape in runtime.feasible or _config.get("gpuresources.infeasible") == "wait":
         return
-    workers = runtime.client.scheduler_info(n_workers=-1)["workers"]
-    best = max(workers, key=lambda a: workers[a].get("resources", {}).get("GPU", 0), default=None)
-    largest = workers[best].get("resources", {}).get("GPU", 0) if best else 0
-    raise InfeasibleRequestError(key, _format(amount), int(largest), best if largest else None)
+    workers = _capacities(runtime)  # asked each time a new shape is seen: workers come and go
+    if any(all(caps.get(r, 0.0) >= a for r, a in need.items()) for _, caps in workers):
+        runtime.feasible.add(shape)
+        return
+    # name the resource that the most capable worker for it still lacks
+    for resource, amount in need.items():
+        best, largest = None, 0.0
+        for address, caps in workers:
+            if caps.get(resource, 0.0) > largest:
+                best, largest = address, caps[resource]
+        if amount > largest or resource == list(need)[-1]:
+            shown = _format(opts.num_gpus) if resource == "GPU" else _number(amount)
+            raise InfeasibleRequestError(key, shown, _number(largest), best, resource=resource)
+
+
+def _number(value: float) -> int | float:
+    return int(value) if value == int(value) else value
 
 
 def _format(amount: Any) -> str:
@@ -662,14 +699,16 @@ def _table() -> dict[str, dict]:
 
 
 def cluster_resources() -> dict[str, float]:
-    """Total resources of the cluster: ``{"CPU": threads, "GPU": devices, ...}``."""
+    """Total resources of the cluster: ``{"CPU": threads, "GPU": devices, ...}``.
+
+    What calls can ask for: ``CPU`` is each worker's declared CPU, or its thread count where
+    it declares none (``num_cpus`` then maps onto threads).
+    """
+    _client()
     totals: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
-    for w in _client().scheduler_info(n_workers=-1)["workers"].values():
-        resources = w.get("resources", {})
-        totals["CPU"] += float(resources.get("CPU", w.get("nthreads", 0)))
-        for name, amount in resources.items():
-            if name != "CPU":
-                totals[name] = totals.get(name, 0.0) + float(amount)
+    for _, caps in _capacities(_runtime):
+        for name, amount in caps.items():
+            totals[name] = totals.get(name, 0.0) + amount
     return totals
 
 
@@ -759,7 +798,10 @@ class _Options:
         out = dict(self.resources)
         if self.num_gpus:
             out["GPU"] = self.num_gpus
-        if self.num_cpus:
+        runtime = _runtime
+        # CPU slots are Dask's CPU resource where workers declare one (init's do); elsewhere
+        # a call takes one of the worker's threads, as every Dask task does.
+        if self.num_cpus and (runtime is None or runtime.cpu_declared):
             out["CPU"] = self.num_cpus
         return out
 
@@ -1001,7 +1043,7 @@ class RemoteFunction:
         _client()  # raises when init() was not called
         opts = self._opts
         key = _key(opts.name or self._function.__name__)
-        _check_feasible(key, opts.num_gpus)
+        _check_feasible(key, opts)
         ref = ObjectRef(Future(key, _runtime.client), key)
         _runtime.batcher.add(self._function, _unwrap(args), _unwrap(kwargs), ref, opts)
         return ref
@@ -1037,7 +1079,7 @@ class ActorClass:
         client = _client()
         opts = self._opts
         key = _key(opts.name or self._cls.__name__)
-        _check_feasible(key, opts.num_gpus)
+        _check_feasible(key, opts)
         isolation = opts.isolation or ("process" if opts.num_gpus else "thread")
         _flush()  # tasks whose refs the constructor takes go first
         future = client.submit(

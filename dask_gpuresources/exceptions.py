@@ -2,7 +2,8 @@
 
 - :class:`InvalidRequestError` (a ``ValueError``): a GPU request that is not a valid amount
   (negative, not a number, or above 1 and not whole).
-- :class:`InfeasibleRequestError`: a GPU request that no worker of the cluster can ever hold.
+- :class:`InfeasibleRequestError`: a request (GPUs, CPUs, a custom resource) that no worker
+  of the cluster can ever hold.
 - :class:`NoLeaseError` (a ``RuntimeError``): ``get_gpu_ids()`` called outside a Dask task.
 - :class:`DeviceCountError` (a ``ValueError``): a worker declared more GPUs than its
   ``CUDA_VISIBLE_DEVICES`` lists, or a count that is not a whole number.
@@ -44,26 +45,40 @@ class InvalidRequestError(ValueError):
 
 
 class InfeasibleRequestError(Exception):
-    """No worker of the cluster can ever satisfy a GPU request."""
+    """No worker of the cluster can ever satisfy a request (GPUs, CPUs or a custom resource)."""
 
-    def __init__(self, key: object, requested: object, largest: object, worker: str | None) -> None:
+    def __init__(
+        self,
+        key: object,
+        requested: object,
+        largest: object,
+        worker: str | None,
+        resource: str = "GPU",
+    ) -> None:
         self.key = key
         self.requested = requested
         self.largest = largest
         self.worker = worker
+        self.resource = resource
         if worker is None:
-            offer = "no worker in the cluster declares any GPU"
+            what = "any GPU" if resource == "GPU" else f"the resource {resource!r}"
+            offer = f"no worker in the cluster declares {what}"
         else:
-            offer = f"the largest worker, {worker}, has GPU={largest}"
+            offer = f"the largest worker, {worker}, has {resource}={largest}"
+        if resource == "GPU":
+            add = "add a worker with enough GPUs (dask worker ... --resources GPU=N)"
+        elif resource == "CPU":
+            add = "add a worker with enough threads (dask worker ... --nthreads N)"
+        else:
+            add = f"add a worker that declares it (dask worker ... --resources {resource}=N)"
         super().__init__(
-            f"task {key!r} requests GPU={requested}, but {offer}; ask for at most the "
-            "largest worker's count, add a worker with enough GPUs (dask worker ... "
-            "--resources GPU=N), or set the dask config gpuresources.infeasible: wait "
-            "for clusters that scale up"
+            f"task {key!r} requests {resource}={requested}, but {offer}; ask for at most the "
+            f"largest worker's amount, {add}, or set the dask config "
+            "gpuresources.infeasible: wait for clusters that scale up"
         )
 
     def __reduce__(self):
-        return type(self), (self.key, self.requested, self.largest, self.worker)
+        return type(self), (self.key, self.requested, self.largest, self.worker, self.resource)
 
 
 class NoLeaseError(RuntimeError):
