@@ -14,6 +14,8 @@ are reused (``max_calls=0``), and a request larger than any worker raises
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -82,6 +85,7 @@ __all__ = [
 class _Runtime:
     client: Client
     cluster: SpecCluster | None
+    handles: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # this session's actors
     cpu_declared: bool = False  # whether CPU is a Dask resource here, or worker threads
     feasible: set = field(default_factory=set)  # request shapes some worker can hold
     dashboard: bool = True
@@ -131,6 +135,12 @@ def _detected_gpus() -> int:
     return detect(default_backend(), visible_devices()).count
 
 
+_CLUSTER_OPTIONS = {"n_workers", "scheduler_options", "worker_options"}
+
+#: Seconds init() waits for its local workers to connect before it gives up.
+START_TIMEOUT = 60.0
+
+
 def init(
     num_gpus: int | None = None,
     *,
@@ -174,6 +184,18 @@ def init(
     ('tcp://127.0.0.1:41231', 4)
     """
     global _runtime
+    unknown = set(cluster_options) - _CLUSTER_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"init() got unknown option(s) {sorted(unknown)}; the options are num_gpus, "
+            f"address, num_cpus, ignore_reinit_error, dashboard, security and, for the local "
+            f"cluster, {', '.join(sorted(_CLUSTER_OPTIONS))}; e.g. init(num_gpus=4, n_workers=2)"
+        )
+    if address is not None and cluster_options:
+        raise TypeError(
+            f"{sorted(cluster_options)} configure the local cluster; with address= the "
+            "cluster is already running: use init(address=...) alone"
+        )
     if _runtime is not None:
         if ignore_reinit_error:
             return _info(_runtime)
@@ -199,7 +221,7 @@ def init(
         client = Client(cluster, security=security, set_as_default=True, direct_to_workers=True)
     try:
         if cluster is not None:
-            client.wait_for_workers(len(cluster.worker_spec))
+            _wait_for_local_workers(client, cluster, START_TIMEOUT)
         from . import install
 
         install(client)
@@ -227,12 +249,72 @@ def _worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _spawn_worker_process(env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A worker process that imports Dask now and waits for its scheduler on stdin."""
-    return subprocess.Popen(
+    """A worker process that imports Dask now and waits for its scheduler on stdin.
+
+    Its stderr goes on to ours, line by line, and the last lines are kept on the process
+    (``stderr_tail``) for the error :func:`init` raises when the worker fails to start.
+    """
+    process = subprocess.Popen(
         [sys.executable, "-m", "dask_gpuresources._local_worker"],
         stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=_worker_env(env),
     )
+    process.stderr_tail = collections.deque(maxlen=20)
+    threading.Thread(
+        target=_tee, args=(process,), name=f"worker-stderr-{process.pid}", daemon=True
+    ).start()
+    return process
+
+
+def _tee(process: subprocess.Popen) -> None:
+    for raw in iter(process.stderr.readline, b""):
+        line = raw.decode(errors="replace")
+        process.stderr_tail.append(line.rstrip("\n"))
+        with contextlib.suppress(Exception):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        process.stderr.close()
+
+
+def _wait_for_local_workers(client: Client, cluster: SpecCluster, timeout: float) -> None:
+    """Wait until every local worker connected; raise if one ended or time ran out."""
+    expected = len(cluster.worker_spec)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.wait_for_workers(expected, timeout=0.25)
+            return
+        except TimeoutError:
+            pass
+        for name, worker in cluster.workers.items():
+            process = getattr(worker, "process", None)
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(
+                    f"the local worker {name} (pid {process.pid}) ended with exit code "
+                    f"{process.returncode} before it connected to the scheduler; its last "
+                    f"lines of stderr:\n{_tail(process)}"
+                )
+        if time.monotonic() > deadline:
+            tails = "\n".join(
+                _tail(w.process) for w in cluster.workers.values() if getattr(w, "process", None)
+            )
+            raise RuntimeError(
+                f"the local workers did not connect to the scheduler within {timeout:g} s; "
+                f"their last lines of stderr:\n{tails}"
+            )
+
+
+def _tail(process: subprocess.Popen) -> str:
+    # the reader thread may still be taking the last lines out of the pipe
+    deadline = time.monotonic() + 2
+    while process.stderr is not None and not process.stderr.closed:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    lines = list(getattr(process, "stderr_tail", ()))
+    return "\n".join(f"    {line}" for line in lines) or "    (nothing)"
 
 
 def _abandon(process: subprocess.Popen) -> None:
@@ -321,6 +403,11 @@ def _local_cluster(
         **options.pop("scheduler_options", {}),
     }
     per = gpus // n_workers
+    from ._devices import device_tokens, visible_devices
+
+    # Checked here, before any process starts: a worker declaring more devices than its
+    # CUDA_VISIBLE_DEVICES lists would come up without device state.
+    machine = device_tokens(gpus, visible_devices())
     workers = {}
     for i in range(n_workers):
         nthreads = max(threads // n_workers, per, 1)
@@ -333,9 +420,7 @@ def _local_cluster(
         env = None
         if n_workers > 1 and per:
             # distinct devices per worker: slots i*per .. (i+1)*per - 1 of this machine
-            from ._devices import device_tokens, visible_devices
-
-            tokens = device_tokens(gpus, visible_devices())[i * per : (i + 1) * per]
+            tokens = machine[i * per : (i + 1) * per]
             env = {"CUDA_VISIBLE_DEVICES": ",".join(tokens)}
         workers[f"gpu-worker-{i}"] = {
             "cls": _WorkerProcess,
@@ -376,16 +461,34 @@ def _info(runtime: _Runtime) -> InitInfo:
 
 
 def shutdown() -> None:
-    """Disconnect, and stop the local cluster if :func:`init` started one."""
+    """End what :func:`init` and this session made: the sender, actor calls still waiting to
+    be sent, the connection, and the local cluster if :func:`init` started one.
+
+    A later :func:`init` in the same process starts from nothing, as the first did.
+    """
     global _runtime
     runtime, _runtime = _runtime, None
     if runtime is None:
         return
     if runtime.batcher is not None:
         runtime.batcher.close()
+    for handle in list(runtime.handles):
+        handle._stop()
+    runtime.handles.clear()
+    runtime.feasible.clear()
     runtime.client.close()
     if runtime.cluster is not None:
         runtime.cluster.close()
+
+
+def _shutdown_at_exit() -> None:
+    # Runs before Dask's own exit hooks (registered at its import, before ours): the client
+    # lets go of its data before the cluster closes, so the scheduler logs no lost data.
+    with contextlib.suppress(Exception):
+        shutdown()
+
+
+atexit.register(_shutdown_at_exit)
 
 
 def is_initialized() -> bool:
@@ -1113,6 +1216,14 @@ class ActorHandle:
         self._deferred = 0  # calls waiting for the actor to be constructed
         self._dispatcher: ThreadPoolExecutor | None = None
         self._proxy_call: Any = None  # the proxy's ``call``, fetched once (see _send)
+        runtime = _runtime
+        if runtime is not None:
+            runtime.handles.add(self)
+
+    def _stop(self) -> None:
+        """At shutdown: calls not yet sent are dropped, the sending thread ends."""
+        if self._dispatcher is not None:
+            self._dispatcher.shutdown(wait=False, cancel_futures=True)
 
     def __reduce__(self):
         return _rebuild_handle, (self._future, self._cls, self._key, self._proxy)
