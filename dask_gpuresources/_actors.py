@@ -81,7 +81,10 @@ class ActorHost:
             self._early += 1
             try:
                 async with self._turn:
-                    await self._turn.wait_for(lambda: self._next[caller] >= seq)
+                    # An actor killed meanwhile wakes its waiters (close()): they fail below.
+                    await self._turn.wait_for(
+                        lambda: self._next[caller] >= seq or self._dead is not None
+                    )
             finally:
                 self._early -= 1
         try:
@@ -134,6 +137,10 @@ class ActorHost:
             result = asyncio.run(result)
         return result
 
+    async def _wake(self) -> None:
+        async with self._turn:
+            self._turn.notify_all()
+
     def close(self) -> Future | None:
         """End the actor: its child process, its thread. Called when Dask releases it.
 
@@ -142,6 +149,9 @@ class ActorHost:
         """
         self._dead = "it was killed or released"
         self._instance = None
+        if self._early:
+            # Calls waiting for an earlier one that will never come: fail them now.
+            asyncio.ensure_future(self._wake())
         if self._child is not None:
             with contextlib.suppress(Exception):
                 self._executor.end_actor(self.key)

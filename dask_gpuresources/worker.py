@@ -324,11 +324,12 @@ class WorkerDevices:
         self._book_used -= amount
         self._sync_book()
         key = ts.key
-        if actor and key in self.ledger and (ts.state == "executing" or key in self.finalizers):
-            # An actor keeps its devices from construction until it goes away (the next
-            # transition ends the hold if it did not construct, or was cancelled meanwhile).
-            # Dask's own books count them free once the constructor returns; the ledger,
-            # which admits GPU tasks, does not.
+        if actor and key in self.ledger:
+            # An actor keeps its devices from construction until it goes away. Dask's own
+            # books count them free once the constructor returns; the ledger, which admits
+            # GPU tasks, does not. One that did not construct, or was cancelled meanwhile,
+            # still holds them until the transition that follows in this same stimulus has
+            # dropped its instance (and ended its child): only then are they free.
             self.actor_holds[key] = amount
             self.actors.add(key)
             return
