@@ -15,6 +15,7 @@ __all__ = [
     "INTERNALS",
     "missing_internals",
     "register_event_handler",
+    "release_actor_proxy",
     "set_worker_extension",
     "set_worker_handler",
     "worker_extension",
@@ -39,6 +40,19 @@ def set_worker_handler(worker: object, name: str, handler: object | None) -> Non
         handlers.pop(name, None)
     else:
         handlers[name] = handler
+
+
+def release_actor_proxy(proxy: object) -> None:
+    """Drop the reference a Dask ``Actor`` proxy holds on its actor's key.
+
+    Each method call through the proxy builds a self-referencing closure that holds the proxy
+    (``Actor.__getattr__``), so the proxy and its ``Future`` outlive the last handle until the
+    garbage collector runs, and the actor (with its GPUs) stays wanted. Releasing the proxy's
+    own future ends that at once; other holders keep theirs.
+    """
+    future = getattr(proxy, "_future", None)
+    if future is not None:
+        future.release()
 
 
 def register_event_handler(event: type, handler: object) -> None:

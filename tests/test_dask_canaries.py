@@ -98,3 +98,18 @@ async def test_dask_frees_an_actors_resources_once_it_is_constructed(c, s, a):
             break
         await asyncio.sleep(0.02)
     assert not a.state.actors  # the key leaves the live actors when released
+
+
+@gen_cluster(client=True, nthreads=[("", 2)])
+async def test_an_actor_proxy_holds_its_own_future_on_the_key(c, s, a):
+    # Why a dropped facade handle releases its proxy's future (release_actor_proxy): after a
+    # method call the proxy sits in a reference cycle, and its future keeps the actor wanted.
+    from distributed import Future
+
+    from dask_gpuresources._dask_internals import release_actor_proxy
+
+    proxy = await c.submit(_Actor, actor=True)
+    assert await proxy.ping()
+    assert isinstance(proxy._future, Future) and proxy._future.key == proxy.key
+    release_actor_proxy(proxy)
+    assert proxy._future._cleared
