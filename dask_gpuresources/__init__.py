@@ -20,6 +20,7 @@ from .exceptions import (
     InvalidRequestError,
     IsolatedTaskError,
     NoLeaseError,
+    TaskCancelledError,
 )
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
         ActorHandle,
         ObjectRef,
         available_resources,
+        cancel,
         cluster_resources,
         get,
         get_runtime_context,
@@ -50,6 +52,7 @@ _LAZY = {
     "ActorHandle": ".api",
     "ObjectRef": ".api",
     "available_resources": ".api",
+    "cancel": ".api",
     "cluster_resources": ".api",
     "get": ".api",
     "get_runtime_context": ".api",
@@ -61,6 +64,11 @@ _LAZY = {
     "shutdown": ".api",
     "wait": ".api",
 }
+
+
+def __dir__() -> list[str]:
+    # the lazily loaded names too, for dir(), help() and tab completion
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name: str) -> Any:
@@ -81,6 +89,7 @@ __all__ = [
     "GetTimeoutError",
     "ObjectRef",
     "available_resources",
+    "cancel",
     "cluster_resources",
     "get",
     "get_runtime_context",
@@ -97,6 +106,7 @@ __all__ = [
     "InvalidRequestError",
     "IsolatedTaskError",
     "NoLeaseError",
+    "TaskCancelledError",
     "__version__",
     "allocations",
     "dask_setup",

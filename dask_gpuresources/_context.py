@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,12 @@ def invoke(function: Any, args: tuple, kwargs: dict) -> Any:
     """Call ``function(*args, **kwargs)``: the task the facade submits for a remote call.
 
     Kept here, in a module that loads no Dask, so that an isolated child unpickles it
-    without importing ``distributed``.
+    without importing ``distributed``. An ``async def`` function runs to completion on an
+    event loop of its own (the task's thread, or the isolated child, runs none).
     """
-    return function(*args, **kwargs)
+    result = function(*args, **kwargs)
+    if inspect.iscoroutine(result):
+        import asyncio
+
+        result = asyncio.run(result)
+    return result

@@ -46,7 +46,7 @@ from distributed.deploy.spec import ProcessInterface
 from distributed.deploy.subprocess import SubprocessWorker
 from distributed.worker import thread_state
 
-from . import _config, _context
+from . import _config, _context, _dask_internals
 from ._allocator import parse_gpu_amount
 from ._isolation import ISOLATION_MODES, parse_max_calls
 from .exceptions import (
@@ -55,6 +55,7 @@ from .exceptions import (
     InfeasibleRequestError,
     InvalidRequestError,
     NoLeaseError,
+    TaskCancelledError,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ __all__ = [
     "RemoteFunction",
     "RuntimeContext",
     "available_resources",
+    "cancel",
     "cluster_resources",
     "get",
     "get_runtime_context",
@@ -497,12 +499,38 @@ def is_initialized() -> bool:
 
 
 def _client() -> Client:
+    if _runtime is None and _worker_runtime() is not None:
+        return _runtime.client
     if _runtime is None:
         raise RuntimeError(
             "dask_gpuresources is not initialised: call init(num_gpus=4) for a local cluster "
             "or init(address='tcp://scheduler:8786') first"
         )
     return _runtime.client
+
+
+def _worker_runtime() -> _Runtime | None:
+    """Inside a task or actor on a worker process: a runtime on the worker's own client.
+
+    Nested ``.remote()`` calls then work on any cluster, not only where the workers share
+    the driver's process. Made once per worker process, on first use.
+    """
+    global _runtime
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return None
+    with _worker_runtime_lock:
+        if _runtime is None:
+            client = distributed.get_client()  # the worker's own client
+            runtime = _Runtime(client, None)
+            runtime.batcher = _Batcher(client)
+            _capacities(runtime)
+            _runtime = runtime
+    return _runtime
+
+
+_worker_runtime_lock = threading.Lock()
 
 
 def _capacities(runtime: _Runtime) -> list[tuple[str, dict[str, float]]]:
@@ -610,6 +638,10 @@ class ObjectRef:
     def done(self) -> bool:
         return self._future.done()
 
+    def __await__(self):
+        """``await ref`` in an async driver: the value, without blocking the event loop."""
+        return asyncio.get_running_loop().run_in_executor(None, get, self).__await__()
+
     def __repr__(self) -> str:
         return f"ObjectRef({self._id})"
 
@@ -704,6 +736,11 @@ def get(refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> A
     2
     """
     items, single = _refs(refs, "get")
+    if _in_event_loop():
+        raise RuntimeError(
+            "get() blocks, and it was called inside a running event loop (an async "
+            "function); use 'await ref' (or 'await asyncio.gather(*refs)') there instead"
+        )
     _flush()
     deadline = None if timeout is None else time.monotonic() + timeout
     futures = [r._future for r in items if isinstance(r._future, Future)]
@@ -712,13 +749,22 @@ def get(refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> A
         # one wait and one gather for all task results, not a round trip per ref
         try:
             distributed.wait(futures, timeout=timeout)
+        except concurrent.futures.CancelledError:
+            pass  # named below, with the key
         except TimeoutError:
             pending = [f.key for f in futures if not f.done()]
             raise GetTimeoutError(
                 f"get() timed out after {timeout} s: {len(pending)} of {len(items)} "
                 f"object(s) not ready, e.g. {pending[0]!r}"
             ) from None
-        values = futures[0].client.gather(futures)
+        for f in futures:
+            if f.status == "cancelled":
+                raise TaskCancelledError(f.key)
+        try:
+            values = futures[0].client.gather(futures)
+        except concurrent.futures.CancelledError:
+            cancelled = [f.key for f in futures if f.status == "cancelled"]
+            raise TaskCancelledError(cancelled[0] if cancelled else futures[0].key) from None
         gathered = {f.key: v for f, v in zip(futures, values, strict=True)}
     values = []
     for ref in items:
@@ -765,13 +811,67 @@ def wait(
     pause = 0.001
     while True:
         ready = [r for r in items if r._future.done()]
-        if len(ready) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if len(ready) >= num_returns or (remaining is not None and remaining <= 0):
             break
-        time.sleep(pause)
-        pause = min(pause * 2, 0.02)
+        pending = [r._future for r in items if not r._future.done()]
+        if all(isinstance(f, Future) for f in pending):
+            # Dask wakes us when one completes: no polling
+            with contextlib.suppress(TimeoutError, concurrent.futures.CancelledError):
+                distributed.wait(pending, timeout=remaining, return_when="FIRST_COMPLETED")
+        elif all(isinstance(f, concurrent.futures.Future) for f in pending):
+            concurrent.futures.wait(
+                pending, timeout=remaining, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+        else:  # actor calls sent straight away answer through Dask's ActorFuture: poll those
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 2, 0.02)
     ready = ready[:num_returns]
     chosen = {id(r) for r in ready}
     return ready, [r for r in items if id(r) not in chosen]
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task behind ``ref``, as Ray's ``ray.cancel``.
+
+    A queued task is dropped; a running isolated task's child process is ended and its
+    devices go back; ``get(ref)`` then raises :class:`TaskCancelledError`, as do tasks that
+    depend on it. A running thread task cannot be interrupted: its result is dropped.
+
+    Parameters
+    ----------
+    force
+        Accepted for Ray's signature; Dask's ``force=True`` also cancels a task other
+        clients still want.
+    recursive
+        Ray cancels the tasks the cancelled one submitted; here those are cancelled when
+        they depend on it (Dask cancels dependents), and not otherwise.
+
+    Cancelling an actor method call is not supported (Ray refuses ``force`` there too):
+    kill the actor with :func:`kill`.
+
+    Examples
+    --------
+    >>> ref = slow.remote()  # doctest: +SKIP
+    >>> cancel(ref)  # doctest: +SKIP
+    """
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"cancel() takes an ObjectRef, got {type(ref).__name__}: {ref!r}")
+    if not isinstance(ref._future, Future):
+        raise TypeError(
+            f"{ref!r} is an actor method call; actor calls cannot be cancelled, kill the "
+            "actor instead: kill(actor)"
+        )
+    _flush()  # a call still in the sender's hands is sent first, then cancelled
+    ref._future.client.cancel([ref._future], force=force)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def put(value: Any) -> ObjectRef:
@@ -1227,6 +1327,15 @@ class ActorHandle:
 
     def __reduce__(self):
         return _rebuild_handle, (self._future, self._cls, self._key, self._proxy)
+
+    def __del__(self) -> None:
+        # The last reference to this handle is gone: so is this process's claim on the
+        # actor. Dask's proxy sits in a reference cycle after a method call, and its own
+        # future would keep the actor (and its GPUs) wanted until a garbage collection.
+        proxy = self.__dict__.get("_proxy")
+        if proxy is not None:
+            with contextlib.suppress(Exception):
+                _dask_internals.release_actor_proxy(proxy)
 
     def __repr__(self) -> str:
         return f"Actor({self._cls.__name__}, {self._key})"

@@ -9,6 +9,8 @@
   ``CUDA_VISIBLE_DEVICES`` lists, or a count that is not a whole number.
 - :class:`GetTimeoutError` (a ``TimeoutError``): ``get()`` ran out of time before every
   object was ready.
+- :class:`TaskCancelledError` (a ``RuntimeError``): ``get()`` of a task that was cancelled
+  (``cancel(ref)``), or that depends on one.
 - :class:`ActorDiedError` (a ``RuntimeError``): a call on an actor that was killed, or whose
   worker or process died.
 - :class:`IsolatedTaskError` (a ``RuntimeError``): the child process running an isolated task
@@ -28,6 +30,7 @@ __all__ = [
     "InvalidRequestError",
     "IsolatedTaskError",
     "NoLeaseError",
+    "TaskCancelledError",
 ]
 
 
@@ -163,3 +166,14 @@ class ActorDiedError(RuntimeError):
 
     def __reduce__(self):
         return type(self), (self.actor, self.worker, self.reason)
+
+
+class TaskCancelledError(RuntimeError):
+    """``get()`` of a task that was cancelled (``cancel(ref)``), or that depends on one."""
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        super().__init__(f"task {key!r} was cancelled before it returned a value")
+
+    def __reduce__(self):
+        return type(self), (self.key,)
