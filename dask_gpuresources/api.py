@@ -847,6 +847,8 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
         Ray cancels the tasks the cancelled one submitted; here those are cancelled when
         they depend on it (Dask cancels dependents), and not otherwise.
 
+    Notes
+    -----
     Cancelling an actor method call is not supported (Ray refuses ``force`` there too):
     kill the actor with :func:`kill`.
 
