@@ -382,3 +382,40 @@ def test_whole_amounts_and_fractions_share_one_representation():
 
     assert parse_gpu_amount(0.33334) == parse_gpu_amount(Fraction(1, 3)) == Fraction(3333, 10000)
     assert 3 * parse_gpu_amount(1 / 3) <= 1
+
+
+@gr.remote(num_gpus=1, isolation="thread")
+class SlowToBuild:
+    def __init__(self):
+        time.sleep(0.5)
+
+    def ping(self):
+        return True
+
+
+def _scheduler_state(key):
+    def state(dask_scheduler, key=key):
+        ts = dask_scheduler.tasks.get(key)
+        return None if ts is None else ts.state
+
+    return gr.api._client().run_on_scheduler(state)
+
+
+def test_dropped_actor_with_a_call_goes_without_a_garbage_collection():
+    # After a method call, Dask's actor proxy sits in a reference cycle: without the fix the
+    # actor (and its GPU) stays wanted until the driver's garbage collector runs.
+    gr.init(num_gpus=1)
+    gc.disable()
+    try:
+        actor = SlowToBuild.remote()
+        key = actor._key
+        assert gr.get(actor.ping.remote(), timeout=TIMEOUT)
+        del actor
+        deadline = time.monotonic() + TIMEOUT
+        while _scheduler_state(key) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _scheduler_state(key) is None
+        assert gr.get(stamp.remote(), timeout=TIMEOUT)[1] == [0]
+    finally:
+        gc.enable()
+        gr.shutdown()
