@@ -23,6 +23,8 @@ fractions says nothing about whether one device can take a request, and the floa
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,7 @@ from distributed.worker_state_machine import (
     WorkerState,
     merge_recs_instructions,
 )
+from sortedcontainers import SortedList
 
 from . import _dask_internals
 from ._allocator import InvalidRequestError, parse_gpu_amount
@@ -40,7 +43,14 @@ from ._allocator import InvalidRequestError, parse_gpu_amount
 if TYPE_CHECKING:
     from .worker import WorkerDevices
 
-__all__ = ["GPU", "DevicesFreed", "GPUAdmission", "admission_class", "gpu_amount"]
+__all__ = [
+    "GPU",
+    "ConstrainedIndex",
+    "DevicesFreed",
+    "GPUAdmission",
+    "admission_class",
+    "gpu_amount",
+]
 
 #: The Dask resource name that stands for GPUs.
 GPU = "GPU"
@@ -76,6 +86,104 @@ def gpu_amount(restrictions: dict | None) -> Fraction | int | None:
         return _cached_amount(value)
     except TypeError:  # unhashable
         return None
+
+
+class ConstrainedIndex:
+    """Dask's queue of resource-restricted tasks, grouped by their restrictions.
+
+    When the head of Dask's queue does not fit, the worker looks for the first task behind
+    it that does. Tasks with the same restrictions fit or not together, so it is enough to
+    look at the first task of each group: a few groups, not the whole queue (sorting a
+    queue of 10,000 tasks on every step would make draining it quadratic).
+
+    Each group is in Dask's order (priority, then arrival); entries are plain tuples, so
+    task states are never compared.
+
+    Examples
+    --------
+    >>> class Task:
+    ...     def __init__(self, resource_restrictions, priority):
+    ...         self.resource_restrictions, self.priority = resource_restrictions, priority
+    >>> index = ConstrainedIndex()
+    >>> big = Task(resource_restrictions={"GPU": 2}, priority=(0, 1))
+    >>> small = Task(resource_restrictions={"GPU": 1}, priority=(0, 2))
+    >>> later = Task(resource_restrictions={"GPU": 1}, priority=(0, 3))
+    >>> for ts in (later, big, small):
+    ...     index.add(ts)
+    >>> index.first(lambda ts: ts.resource_restrictions["GPU"] == 1) is small
+    True
+    >>> index.discard(small)
+    >>> index.first(lambda ts: ts.resource_restrictions["GPU"] == 1) is later
+    True
+    >>> len(index)
+    2
+    """
+
+    __slots__ = ("_entries", "_groups", "_seq")
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple, SortedList] = {}
+        self._entries: dict[TaskState, tuple[tuple, tuple]] = {}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, ts: TaskState) -> None:
+        if ts in self._entries:
+            return
+        restrictions = ts.resource_restrictions
+        group_key = tuple(sorted(restrictions.items())) if restrictions else ()
+        entry = (ts.priority or (), next(self._seq), ts)
+        group = self._groups.get(group_key)
+        if group is None:
+            group = self._groups[group_key] = SortedList()
+        group.add(entry)
+        self._entries[ts] = (group_key, entry)
+
+    def discard(self, ts: TaskState) -> None:
+        found = self._entries.pop(ts, None)
+        if found is None:
+            return
+        group_key, entry = found
+        group = self._groups[group_key]
+        group.remove(entry)
+        if not group:
+            del self._groups[group_key]
+
+    def clear(self) -> None:
+        self._groups.clear()
+        self._entries.clear()
+
+    def heads(self) -> Iterator[TaskState]:
+        """The first task of each group, in no particular order."""
+        for group in list(self._groups.values()):
+            yield group[0][2]
+
+    def first(
+        self, fits: Callable[[TaskState], bool], *, live: Callable[[TaskState], bool] | None = None
+    ) -> TaskState | None:
+        """The task first in Dask's order among the groups whose first task ``fits``.
+
+        Entries that are no longer ``live`` (left Dask's queue without a transition we saw)
+        are dropped on the way.
+        """
+        best: tuple | None = None
+        for group in list(self._groups.values()):
+            entry = group[0]
+            if live is not None:
+                while not live(entry[2]):
+                    self.discard(entry[2])
+                    if not group:
+                        break
+                    entry = group[0]
+                else:
+                    if (best is None or entry < best) and fits(entry[2]):
+                        best = entry
+                continue
+            if (best is None or entry < best) and fits(entry[2]):
+                best = entry
+        return None if best is None else best[2]
 
 
 @dataclass
@@ -146,8 +254,16 @@ class GPUAdmission(WorkerState):
 
     def _transition(self, ts: TaskState, finish: Any, *args: Any, stimulus_id: str) -> Any:
         start = ts.state
-        result = super()._transition(ts, finish, *args, stimulus_id=stimulus_id)
         gpu = self._gpu
+        if finish == "constrained":
+            # Indexed before the transition: entering the queue also starts what fits, and
+            # that choice must already see this task.
+            gpu.queue.add(ts)
+        result = super()._transition(ts, finish, *args, stimulus_id=stimulus_id)
+        if ts.state == "constrained":
+            gpu.queue.add(ts)
+        elif start == "constrained" or finish == "constrained":
+            gpu.queue.discard(ts)
         key = ts.key
         if start == "executing" and ts.state in ("cancelled", "released"):
             # A cancelled isolated task: end its child now, so that its devices come back

@@ -26,7 +26,7 @@ from distributed.worker import get_worker, thread_state
 from distributed.worker_state_machine import TaskState, WorkerState
 
 from . import _config, _dask_internals, _nvml
-from ._admission import GPU, DevicesFreed, admission_class, gpu_amount
+from ._admission import GPU, ConstrainedIndex, DevicesFreed, admission_class, gpu_amount
 from ._allocator import DeviceLedger
 from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
@@ -102,6 +102,8 @@ class WorkerDevices:
         self._max_calls = 0
         self._bypass_limit = 10.0
         self._blocked: tuple[Hashable, float] | None = None
+        #: Dask's constrained queue, grouped by restrictions (see ConstrainedIndex)
+        self.queue = ConstrainedIndex()
         self._readings: NVMLBackend | None = None  # NVML, when it sees this worker's GPUs
         self._uuid_index: dict[str, int] = {}
         self._count = 0  # the GPU count the ledger is sized for
@@ -144,6 +146,8 @@ class WorkerDevices:
 
         self._original_state_class = type(state)
         state.__class__ = admission_class(type(state), self)
+        for ts in state.constrained:
+            self.queue.add(ts)
         self._lease_running_tasks(state)
         self._setup_isolation(worker)
         _dask_internals.set_worker_extension(worker, PLUGIN_NAME, self)
@@ -156,6 +160,21 @@ class WorkerDevices:
             logger.info(
                 "Worker %s hands out %d GPU(s): %s", worker.address, count, ",".join(tokens)
             )
+            nthreads = state.nthreads
+            if nthreads < count:
+                # Each task takes a thread: fewer threads than devices leaves devices idle.
+                logger.warning(
+                    "Worker %s declares %d GPUs but has %d thread(s): at most %d GPU task(s) "
+                    "run at once and %d device(s) stay idle. Start it with --nthreads %d "
+                    "(or nthreads=%d) to use every device.",
+                    worker.address,
+                    count,
+                    nthreads,
+                    nthreads,
+                    count - nthreads,
+                    count,
+                    count,
+                )
         await self._announce()
 
     async def _announce(self) -> None:
@@ -175,6 +194,7 @@ class WorkerDevices:
         if self.closed:
             return
         self.closed = True
+        self.queue.clear()
         for key in list(self.finalizers):
             self._finalize(key)
         worker = self.worker
@@ -416,30 +436,24 @@ class WorkerDevices:
         if state._resource_restrictions_satisfied(head):
             self._blocked = None
             return head
-        smallest_misfit = gpu_amount(head.resource_restrictions)
+        head_amount = gpu_amount(head.resource_restrictions)
         now = time()
         if self._blocked is None or self._blocked[0] != head.key:
             self._blocked = (head.key, now)
         elif now - self._blocked[1] > self._bypass_limit and (
-            smallest_misfit is None
-            or self.ledger.fits_when_drained(smallest_misfit, permanent=self.actor_holds)
+            head_amount is None
+            or self.ledger.fits_when_drained(head_amount, permanent=self.actor_holds)
         ):
             return None
 
-        if smallest_misfit is not None and self.ledger.all_taken():
+        if head_amount is not None and self.ledger.all_taken():
             return None
-        for ts in state.constrained.sorted():
-            if ts is head:
-                continue
-            amount = gpu_amount(ts.resource_restrictions)
-            # Placement is monotonic in the amount: what did not fit excludes anything larger.
-            if amount is not None and smallest_misfit is not None and amount >= smallest_misfit:
-                continue
-            if state._resource_restrictions_satisfied(ts):
-                return ts
-            if amount is not None:
-                smallest_misfit = amount
-        return None
+        fits = state._resource_restrictions_satisfied
+        # Tasks with the head's restrictions do not fit either; the first fitting task of
+        # the other groups is the first fitting task behind the head.
+        return self.queue.first(
+            lambda ts: ts is not head and fits(ts), live=state.constrained.__contains__
+        )
 
     # -- isolation ---------------------------------------------------------------------------
 

@@ -208,6 +208,46 @@ async def test_request_that_waits_for_an_actor_does_not_freeze_smaller_work(c, s
     assert await asyncio.wait_for(big, TIMEOUT) == [0, 1]
 
 
+def started(tag):
+    return tag, time.monotonic()
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)],
+    worker_kwargs={"resources": {"GPU": 2}},
+    config={"gpuresources.worker.bypass-limit": "50ms"},
+)
+async def test_work_passing_a_blocked_request_starts_in_dask_order(c, s, a):
+    # Requests of different sizes queue behind a GPU=2 that waits for an actor: those that
+    # pass it start in Dask's priority order across sizes, and none is left indexed.
+    await gr.install(c)
+    actor = await c.submit(Holder, actor=True, resources={"GPU": 1})
+    big = c.submit(ids, resources={"GPU": 2}, pure=False, priority=100)
+    await async_poll_for(lambda: any(ts.key == big.key for ts in a.state.constrained), TIMEOUT)
+    hold_first = c.submit(hold, "passing", resources={"GPU": 0.5}, pure=False, priority=50)
+    await _executing(a, hold_first.key)
+    amounts = [1, 0.5, 0.25, 1, 0.5, 0.25, 1, 0.5]
+    futures = [
+        c.submit(started, i, resources={"GPU": x}, pure=False, priority=i)
+        for i, x in enumerate(amounts)
+    ]
+    doomed = c.submit(started, "doomed", resources={"GPU": 1}, pure=False, priority=-1)
+    await async_poll_for(lambda: len(a.state.constrained) == len(amounts) + 2, TIMEOUT)
+    await c.cancel(doomed)
+    await Event("passing").set()
+    results = await asyncio.wait_for(c.gather(futures), TIMEOUT)
+    order = [tag for tag, _ in sorted(results, key=lambda r: r[1])]
+    assert order == sorted(range(len(amounts)), reverse=True)
+    assert not big.done()
+    devices = a.extensions["gpuresources"]
+    assert [ts.key for ts in devices.queue.heads()] == [big.key]
+    del actor
+    gc.collect()
+    assert await asyncio.wait_for(big, TIMEOUT) == [0, 1]
+    await async_poll_for(lambda: len(devices.queue) == 0, TIMEOUT)
+
+
 @gen_cluster(
     client=True,
     nthreads=[("", 4)],
