@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 
 __all__ = [
     "INTERNALS",
     "missing_internals",
+    "count_in_process_memory",
     "register_event_handler",
     "release_actor_proxy",
     "set_worker_extension",
@@ -55,6 +57,29 @@ def release_actor_proxy(proxy: object) -> None:
         future.release()
 
 
+def count_in_process_memory(worker: object, extra: Callable[[], int]) -> Callable[[], None]:
+    """Make the memory Dask measures for ``worker`` include ``extra()`` bytes.
+
+    ``SystemMonitor.get_process_memory`` is the one place Dask reads a worker's memory from
+    the OS: the heartbeat's ``memory`` (the scheduler's ``ws.memory.process``, the
+    dashboard's memory bars) and the worker memory manager's pause and spill thresholds all
+    come from it. Returns a function that undoes the change.
+    """
+    monitor = worker.monitor  # type: ignore[attr-defined]
+    measure = monitor.get_process_memory
+
+    def get_process_memory() -> int:
+        return measure() + extra()
+
+    monitor.get_process_memory = get_process_memory
+
+    def undo() -> None:
+        if monitor.__dict__.get("get_process_memory") is get_process_memory:
+            del monitor.get_process_memory
+
+    return undo
+
+
 def register_event_handler(event: type, handler: object) -> None:
     """Teach ``WorkerState`` to handle a state-machine event of ours (a singledispatch
     registration on ``WorkerState._handle_event``; events are only ever sent by us)."""
@@ -65,6 +90,11 @@ def register_event_handler(event: type, handler: object) -> None:
 
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
+    (
+        "distributed.system_monitor",
+        "SystemMonitor.get_process_memory",
+        "isolated children's memory counted in the worker's (heartbeat, pause, spill)",
+    ),
     (
         "distributed.worker_state_machine",
         "WorkerState._resource_restrictions_satisfied",

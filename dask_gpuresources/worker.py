@@ -19,6 +19,7 @@ from fractions import Fraction
 from time import monotonic as time
 from typing import Any
 
+import psutil
 from dask.utils import parse_bytes, parse_timedelta
 from distributed import WorkerPlugin
 from distributed.core import Status
@@ -112,6 +113,8 @@ class WorkerDevices:
         self._book_used: Fraction | int = 0
         self._original_state_class: type[WorkerState] | None = None
         self._original_set_resources: Any = None
+        self._processes: dict[int, psutil.Process] = {}  # isolated children, by pid
+        self._undo_memory: Any = None
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -150,6 +153,9 @@ class WorkerDevices:
             self.queue.add(ts)
         self._lease_running_tasks(state)
         self._setup_isolation(worker)
+        # Isolated children's memory is the worker's: heartbeats, the dashboard and Dask's
+        # pause and spill thresholds count it.
+        self._undo_memory = _dask_internals.count_in_process_memory(worker, self.children_memory)
         _dask_internals.set_worker_extension(worker, PLUGIN_NAME, self)
         worker.metrics[PLUGIN_NAME] = self._heartbeat
         _dask_internals.set_worker_handler(worker, PLUGIN_NAME, self.snapshot)
@@ -200,6 +206,9 @@ class WorkerDevices:
         worker = self.worker
         worker.metrics.pop(PLUGIN_NAME, None)
         _dask_internals.set_worker_handler(worker, PLUGIN_NAME, None)
+        if self._undo_memory is not None:
+            self._undo_memory()
+            self._undo_memory = None
         if self._original_set_resources is not None:
             worker.__dict__.pop("set_resources", None)
         if self.executor is not None:
@@ -500,15 +509,19 @@ class WorkerDevices:
         -------
         dict
             ``{"devices": [{"id": int, "token": str, "uuid": str | None,
-            "holders": {key: share}}, ...], "actors": [key, ...], "executing": n}`` with keys
-            as strings and shares as floats.
+            "holders": {key: share}}, ...], "actors": [key, ...], "executing": n,
+            "children": [{"pid", "devices", "state", "calls", "rss"}, ...],
+            "children_memory": bytes}`` with keys as strings and shares as floats.
         """
         ledger = self.ledger
         holders = ledger.holders()
         state = self.worker.state
+        children = self.children()
         return {
             "executing": len(state.executing),
             "actors": [str(k) for k in self.actor_holds],
+            "children": children,
+            "children_memory": sum(row["rss"] for row in children),
             "devices": [
                 {
                     "id": self.ids[slot],
@@ -534,6 +547,33 @@ class WorkerDevices:
             self._readings = None
             return {}
         return {k: found[k] for k in ("memory_used", "memory_total", "utilization") if k in found}
+
+    def children(self) -> list[dict]:
+        """The isolated children alive now: pid, devices, state, calls, and ``rss`` (bytes
+        of host memory, 0 when it could not be read)."""
+        rows = self.executor.children() if self.executor is not None else []
+        processes = self._processes
+        for row in rows:
+            pid = row["pid"]
+            process = processes.get(pid)
+            try:
+                if process is None:
+                    process = processes[pid] = psutil.Process(pid)
+                row["rss"] = process.memory_info().rss
+            except psutil.Error:
+                processes.pop(pid, None)
+                row["rss"] = 0
+        if len(processes) > len(rows):
+            alive = {row["pid"] for row in rows}
+            for pid in [pid for pid in processes if pid not in alive]:
+                del processes[pid]
+        return rows
+
+    def children_memory(self) -> int:
+        """Host memory (RSS, bytes) of the worker's isolated children together."""
+        if self.executor is None:
+            return 0
+        return sum(row["rss"] for row in self.children())
 
     def _heartbeat(self, worker: Any) -> dict:
         return self.snapshot()
