@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -97,7 +97,9 @@ class ConstrainedIndex:
     queue of 10,000 tasks on every step would make draining it quadratic).
 
     Each group is in Dask's order (priority, then arrival); entries are plain tuples, so
-    task states are never compared.
+    task states are never compared. The index is kept only while it is needed: it is built
+    from Dask's queue the first time the head does not fit (:meth:`activate`) and dropped when
+    the queue empties, so a worker whose work always fits pays nothing for it.
 
     Examples
     --------
@@ -105,6 +107,7 @@ class ConstrainedIndex:
     ...     def __init__(self, resource_restrictions, priority):
     ...         self.resource_restrictions, self.priority = resource_restrictions, priority
     >>> index = ConstrainedIndex()
+    >>> index.activate([])
     >>> big = Task(resource_restrictions={"GPU": 2}, priority=(0, 1))
     >>> small = Task(resource_restrictions={"GPU": 1}, priority=(0, 2))
     >>> later = Task(resource_restrictions={"GPU": 1}, priority=(0, 3))
@@ -119,12 +122,20 @@ class ConstrainedIndex:
     2
     """
 
-    __slots__ = ("_entries", "_groups", "_seq")
+    __slots__ = ("_entries", "_groups", "_seq", "active")
 
     def __init__(self) -> None:
         self._groups: dict[tuple, SortedList] = {}
         self._entries: dict[TaskState, tuple[tuple, tuple]] = {}
         self._seq = itertools.count()
+        #: whether the index follows Dask's queue now (see activate)
+        self.active = False
+
+    def activate(self, queued: Iterable[TaskState]) -> None:
+        """Start following Dask's queue, whose tasks (in Dask's order) are ``queued``."""
+        self.active = True
+        for ts in queued:
+            self.add(ts)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -152,8 +163,10 @@ class ConstrainedIndex:
             del self._groups[group_key]
 
     def clear(self) -> None:
+        """Forget every task and stop following the queue."""
         self._groups.clear()
         self._entries.clear()
+        self.active = False
 
     def heads(self) -> Iterator[TaskState]:
         """The first task of each group, in no particular order."""
@@ -255,15 +268,21 @@ class GPUAdmission(WorkerState):
     def _transition(self, ts: TaskState, finish: Any, *args: Any, stimulus_id: str) -> Any:
         start = ts.state
         gpu = self._gpu
-        if finish == "constrained":
-            # Indexed before the transition: entering the queue also starts what fits, and
-            # that choice must already see this task.
-            gpu.queue.add(ts)
-        result = super()._transition(ts, finish, *args, stimulus_id=stimulus_id)
-        if ts.state == "constrained":
-            gpu.queue.add(ts)
-        elif start == "constrained" or finish == "constrained":
-            gpu.queue.discard(ts)
+        queue = gpu.queue
+        if not queue.active:
+            result = super()._transition(ts, finish, *args, stimulus_id=stimulus_id)
+        else:
+            if finish == "constrained":
+                # Indexed before the transition: entering the queue also starts what fits,
+                # and that choice must already see this task.
+                queue.add(ts)
+            result = super()._transition(ts, finish, *args, stimulus_id=stimulus_id)
+            if ts.state == "constrained":
+                queue.add(ts)
+            elif start == "constrained" or finish == "constrained":
+                queue.discard(ts)
+                if not self.constrained:
+                    queue.clear()
         key = ts.key
         if start == "executing" and ts.state in ("cancelled", "released"):
             # A cancelled isolated task: end its child now, so that its devices come back

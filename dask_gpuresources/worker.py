@@ -149,8 +149,6 @@ class WorkerDevices:
 
         self._original_state_class = type(state)
         state.__class__ = admission_class(type(state), self)
-        for ts in state.constrained:
-            self.queue.add(ts)
         self._lease_running_tasks(state)
         self._setup_isolation(worker)
         # Isolated children's memory is the worker's: heartbeats, the dashboard and Dask's
@@ -458,9 +456,12 @@ class WorkerDevices:
         if head_amount is not None and self.ledger.all_taken():
             return None
         fits = state._resource_restrictions_satisfied
+        queue = self.queue
+        if not queue.active:
+            queue.activate(state.constrained.sorted())
         # Tasks with the head's restrictions do not fit either; the first fitting task of
         # the other groups is the first fitting task behind the head.
-        return self.queue.first(
+        return queue.first(
             lambda ts: ts is not head and fits(ts), live=state.constrained.__contains__
         )
 
