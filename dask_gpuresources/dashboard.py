@@ -1,188 +1,228 @@
-"""A page of the scheduler's Bokeh dashboard: every device of every worker, and its holders.
+"""The "GPU allocations" page of the scheduler's Bokeh dashboard, at ``/gpu-allocations``.
 
-``/gpu-allocations`` (linked from the dashboard's navigation bar once the scheduler plugin
-starts) draws one bar per device: the share held (0 to 1), coloured by who holds it (tasks,
-actors, both), with the holder keys on hover, and NVML's memory and utilization where NVML
-sees the device. It updates twice a second from the workers' heartbeats. A device that
-another worker of the same host hands out too (the same physical device used twice) is drawn
-in red, with the other workers named in the table and on hover.
+The page (linked as "GPU allocations" in the dashboard's navigation bar once the scheduler
+plugin starts) shows, from the workers' last heartbeats, twice a second:
 
-Task keys are user input: the hover text is built from HTML-escaped keys.
+- a grid with one row per worker and one column per device index, coloured by the share of
+  the device that is held (0 to 1): the overview that stays readable at hundreds of devices;
+- one bar per device, devices in order from worker to worker and from device 0 at the top,
+  in which every holder (a running task or a live actor) is its own segment: two ``0.5``
+  tasks on a device are two halves, each with its key on hover, and a legend names the
+  colours (task, actor, free, and a device another worker of the host hands out too);
+- the same as text: every holder's full key, kind and share, NVML's memory and utilization
+  where NVML sees the device, and the other workers that hand out the same device.
+
+Task keys are user input: the text and the hover are built from HTML-escaped keys.
+
+This module imports neither Bokeh nor ``prometheus_client``: :func:`available` says whether
+they can be used, and the page's components (:class:`GPUAllocations`, :class:`DeviceGrid`,
+:class:`DeviceBars`, :class:`HolderTable`) are loaded on first use, so that a scheduler
+without Dask's dashboard never pays for Bokeh's modules.
 """
 
 from __future__ import annotations
 
-import html
+import importlib.util
 import logging
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
-from bokeh.layouts import column
-from bokeh.models import (
-    ColumnDataSource,
-    DataTable,
-    HoverTool,
-    NumberFormatter,
-    Range1d,
-    TableColumn,
-)
-from bokeh.plotting import figure
-from distributed.dashboard.components import DashboardComponent
+if TYPE_CHECKING:  # loaded on first use (module __getattr__ below)
+    from ._dashboard_page import DeviceBars, DeviceGrid, GPUAllocations, HolderTable
 
-from ._http import bokeh_pages
-
-__all__ = ["GPUAllocations", "ROUTE", "install_page"]
+__all__ = [
+    "COLORS",
+    "INSTALL_HINT",
+    "PAGE",
+    "ROUTE",
+    "TITLE",
+    "DeviceBars",
+    "DeviceGrid",
+    "GPUAllocations",
+    "HolderTable",
+    "available",
+    "install_page",
+    "uninstall_page",
+]
 
 logger = logging.getLogger("distributed.gpuresources")
 
-ROUTE = "/gpu-allocations"
+PAGE = "gpu-allocations"
+ROUTE = "/" + PAGE
+#: the page's name in the dashboard's navigation bar and in its browser tab
+TITLE = "GPU allocations"
+INSTALL_HINT = "pip install bokeh prometheus_client"
+#: the legend: who holds a segment of a device, and what a device's bar is drawn over
 COLORS = {
-    "free": "#d9d9d9",
     "task": "#1f77b4",
     "actor": "#ff7f0e",
-    "both": "#9467bd",
+    "free": "#d9d9d9",
     "overlap": "#d62728",  # the device is handed out by another worker of the host as well
 }
+LABELS = {
+    "task": "task",
+    "actor": "actor",
+    "free": "free",
+    "overlap": "also handed out by another worker",
+}
+
+_COMPONENTS = {"GPUAllocations", "DeviceGrid", "DeviceBars", "HolderTable"}
+# scheduler -> the Bokeh application serving the page there
+_pages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_missing_logged = False
 
 
-class GPUAllocations(DashboardComponent):
-    """Held share per device, per worker, with holders on hover."""
+def __getattr__(name: str) -> Any:
+    if name in _COMPONENTS:
+        from . import _dashboard_page
 
-    def __init__(self, scheduler: Any, plugin: Any, **kwargs: Any) -> None:
-        self.scheduler = scheduler
-        self.plugin = plugin
-        self.source = ColumnDataSource(
-            {
-                "row": [],
-                "worker": [],
-                "device": [],
-                "held": [],
-                "kind": [],
-                "color": [],
-                "holders": [],
-                "holders_text": [],
-                "memory": [],
-                "utilization": [],
-                "overlap": [],
-            },
-            name="gpu-allocations-source",
+        return getattr(_dashboard_page, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _COMPONENTS)
+
+
+def available() -> str | None:
+    """Why the page and the metrics cannot be served here, or None when they can.
+
+    The page needs Bokeh (the release Dask's dashboard accepts) and the ``/metrics`` gauges
+    need ``prometheus_client``; both are dependencies of this package, so this says what is
+    wrong with an environment that lacks them anyway. Nothing is imported to find out.
+
+    Returns
+    -------
+    str or None
+        One line naming what is missing and the command that installs it; None when both
+        are there.
+
+    Examples
+    --------
+    >>> available() is None  # bokeh and prometheus_client are installed
+    True
+    """
+    missing = [n for n in ("bokeh", "prometheus_client") if importlib.util.find_spec(n) is None]
+    if missing:
+        off = {"bokeh": f"no {TITLE} page", "prometheus_client": "no dask_gpuresources_* metrics"}
+        verb = "is" if len(missing) == 1 else "are"
+        return (
+            f"{' and '.join(missing)} {verb} not installed: "
+            f"{' and '.join(off[n] for n in missing)}; {INSTALL_HINT}"
         )
-        self.root = figure(
-            title="GPU allocations (share of each device held)",
-            y_range=[],
-            x_range=Range1d(0, 1),
-            height=300,
-            sizing_mode="stretch_width",
-            tools="",
-            toolbar_location=None,
-            **kwargs,
+    from importlib.metadata import PackageNotFoundError, version
+
+    from distributed.versions import BOKEH_REQUIREMENT
+
+    try:
+        bokeh_version = version("bokeh")
+    except PackageNotFoundError:  # importable but not installed as a distribution
+        return None
+    if not BOKEH_REQUIREMENT.specifier.contains(bokeh_version, prereleases=True):
+        return (
+            f"Dask's dashboard needs {BOKEH_REQUIREMENT}, not bokeh {bokeh_version}: no "
+            f"{TITLE} page; pip install '{BOKEH_REQUIREMENT}' prometheus_client"
         )
-        self.root.hbar(y="row", right="held", height=0.8, color="color", source=self.source, left=0)
-        self.root.add_tools(
-            HoverTool(
-                tooltips="""
-                <div><b>@worker</b> device @device</div>
-                <div>held: @held{0.00} (@kind)</div>
-                <div>@holders{safe}</div>
-                <div>@memory @utilization</div>
-                <div>@overlap</div>
-                """
-            )
-        )
-        self.root.xaxis.axis_label = "share held"
-        # The same rows as text (the table renders keys as text, never as HTML).
-        self.table = DataTable(
-            source=self.source,
-            columns=[
-                TableColumn(field="worker", title="worker"),
-                TableColumn(field="device", title="device", width=60),
-                TableColumn(
-                    field="held", title="held", formatter=NumberFormatter(format="0.00"), width=60
-                ),
-                TableColumn(field="holders_text", title="holders (key, kind, share)"),
-                TableColumn(field="memory", title="memory"),
-                TableColumn(field="utilization", title="utilization"),
-                TableColumn(field="overlap", title="also handed out by"),
-            ],
-            index_position=None,
-            sizing_mode="stretch_width",
-            height=200,
-        )
-
-    def update(self) -> None:
-        """Refresh the bars from the workers' last heartbeats."""
-        table = self.plugin.table()  # from the workers' last heartbeats
-        data: dict[str, list] = {name: [] for name in self.source.data}
-        for addr, worker in sorted(table.items()):
-            for device, info in sorted(worker["devices"].items(), key=lambda kv: int(kv[0])):
-                holders = info["holders"]
-                kinds = {h["kind"] for h in holders}
-                kind = "free" if not kinds else "both" if len(kinds) > 1 else kinds.pop()
-                data["row"].append(f"{addr} #{device}")
-                data["worker"].append(addr)
-                data["device"].append(device)
-                data["held"].append(min(sum(h["amount"] for h in holders), 1.0))
-                data["kind"].append(kind)
-                shared = info.get("shared_with") or []
-                data["color"].append(COLORS["overlap"] if shared else COLORS[kind])
-                refused = " (its GPUs are refused here)" if worker.get("refused") else ""
-                data["overlap"].append(
-                    f"also handed out by {', '.join(shared)}{refused}" if shared else ""
-                )
-                data["holders_text"].append(
-                    "; ".join(f"{h['key']} ({h['kind']}, {h['amount']:g})" for h in holders)
-                    or "free"
-                )
-                data["holders"].append(
-                    "<br>".join(
-                        f"{html.escape(str(h['key']))} ({h['kind']}, {h['amount']:g})"
-                        for h in holders
-                    )
-                    or "free"
-                )
-                used = info.get("memory_used")
-                data["memory"].append("" if used is None else f"memory {used / 2**30:.1f} GiB")
-                util = info.get("utilization")
-                data["utilization"].append("" if util is None else f"utilization {util}%")
-        self.root.y_range.factors = data["row"]
-        self.root.height = max(150, 30 * len(data["row"]) + 60)
-        self.table.height = max(80, 28 * len(data["row"]) + 30)
-        self.source.data = data
+    return None
 
 
-def _page(plugin: Any) -> Any:
-    def gpu_allocations_doc(scheduler: Any, extra: dict, doc: Any) -> None:
-        from distributed.dashboard.components.scheduler import BOKEH_THEME, env
-
-        component = GPUAllocations(scheduler, plugin)
-        component.update()
-        doc.title = "Dask: GPU allocations"
-        doc.add_root(column(component.root, component.table, sizing_mode="stretch_width"))
-        doc.add_periodic_callback(component.update, 500)
-        doc.template = env.get_template("simple.html")
-        doc.template_variables.update(extra)
-        doc.theme = BOKEH_THEME
-
-    return gpu_allocations_doc
+def _log_missing(reason: str) -> None:
+    global _missing_logged
+    if not _missing_logged:
+        _missing_logged = True
+        logger.warning(reason)
 
 
 def install_page(scheduler: Any, plugin: Any) -> bool:
-    """Serve :data:`ROUTE` on the scheduler's dashboard and link it in the navigation bar."""
+    """Serve :data:`ROUTE` on ``scheduler``'s dashboard and link it in the navigation bar.
+
+    ``plugin`` is the scheduler plugin whose ``table()`` the page draws. A scheduler that
+    serves no Bokeh dashboard gets nothing (and Bokeh is not imported); when the dashboard's
+    dependencies are missing, one warning says what to install. Installing twice on one
+    scheduler replaces the first page.
+
+    Returns
+    -------
+    bool
+        Whether the page is served.
+    """
+    from ._http import bokeh_pages
+
     dask_pages = bokeh_pages(scheduler)
     if dask_pages is None:
+        reason = available()
+        if reason is not None and getattr(scheduler, "http_application", None) is not None:
+            _log_missing(reason)  # Dask serves its "install bokeh" page instead of its own
         return False
-    from distributed.dashboard.core import BokehApplication
+    if (reason := available()) is not None:  # Bokeh is there; prometheus_client is not
+        _log_missing(reason)
+    uninstall_page(scheduler)
+    try:
+        from ._dashboard_page import make_application
+    except ImportError as e:
+        _log_missing(f"the {TITLE} page cannot be served ({e}); {INSTALL_HINT}")
+        return False
     from distributed.dashboard.scheduler import template_variables
     from tornado.ioloop import IOLoop
 
     variables = template_variables(scheduler)  # shared by every page: the navigation bar
-    if "gpu-allocations" not in variables["pages"]:
-        variables["pages"].append("gpu-allocations")
-    bokeh_app = BokehApplication(
-        {ROUTE: _page(plugin)},
+    if PAGE not in variables["pages"]:
+        variables["pages"].append(PAGE)
+    _install_title()
+    app = make_application(
         scheduler,
+        plugin,
         prefix=getattr(dask_pages, "_prefix", "") or "",  # the scheduler's http_prefix
         template_variables=variables,
     )
-    scheduler.http_application.add_application(bokeh_app)
-    bokeh_app.initialize(IOLoop.current())
+    scheduler.http_application.add_application(app)
+    app.initialize(IOLoop.current())
+    app.start()  # Bokeh's session cleanup: a closed tab's document stops updating
+    _pages[scheduler] = app
     return True
+
+
+def uninstall_page(scheduler: Any) -> None:
+    """Undo :func:`install_page`: the route, the navigation link, the Bokeh application."""
+    app = _pages.pop(scheduler, None)
+    if app is None:
+        return
+    applications = getattr(scheduler.http_application, "applications", [])
+    if app in applications:
+        applications.remove(app)
+    app.stop()
+    from distributed.dashboard.scheduler import template_variables
+
+    pages = template_variables(scheduler)["pages"]
+    if PAGE in pages:
+        pages.remove(PAGE)
+    if not _pages:
+        _uninstall_title()
+
+
+# Dask's navigation bar writes each page's route through Jinja's ``title`` filter
+# ("gpu-allocations" would read "Gpu-Allocations"), and its template takes no other name.
+# The dashboard's Jinja environment gets a ``title`` filter that names this page and leaves
+# every other value to the original filter; it is put back when no page is served.
+def _install_title() -> None:
+    from distributed.dashboard.components.scheduler import env
+
+    current = env.filters["title"]
+    if getattr(current, "__wrapped__", None) is None:
+        env.filters["title"] = _title_filter(current)
+
+
+def _uninstall_title() -> None:
+    from distributed.dashboard.components.scheduler import env
+
+    original = getattr(env.filters["title"], "__wrapped__", None)
+    if original is not None:
+        env.filters["title"] = original
+
+
+def _title_filter(original: Any) -> Any:
+    def title(value: Any) -> Any:
+        return TITLE if value == PAGE else original(value)
+
+    title.__wrapped__ = original  # type: ignore[attr-defined]
+    return title
