@@ -3,7 +3,9 @@
 - ``GET /api/v1/gpu_allocations`` returns the allocation table as JSON (workers are asked
   now): ``{"workers": {addr: {"gpus", "executing", "overlap", "refused", "devices": {id:
   {"holders": [{"key", "kind", "amount"}], "shared_with", ...}}}}}``; ``overlap`` names the
-  other workers of the host that hand out the same physical devices.
+  other workers of the host that hand out the same physical devices. Like Dask's own
+  ``/api/v1`` routes it is off unless turned on (:func:`json_route_enabled`), and requests
+  arriving together share one round of questions to the workers.
 - Gauges named ``dask_gpuresources_*`` join the scheduler's ``/metrics`` (the process-wide
   ``prometheus_client`` registry that Dask serves), labelled by ``worker`` and ``device``, read
   from the workers' last heartbeats. ``prometheus_client`` stays optional: without it Dask's
@@ -19,7 +21,14 @@ from typing import Any
 
 from distributed.http.utils import RequestHandler
 
-__all__ = ["METRICS", "ROUTE", "bokeh_pages", "install_routes"]
+__all__ = [
+    "METRICS",
+    "ROUTE",
+    "bokeh_pages",
+    "install_routes",
+    "json_route_enabled",
+    "uninstall_routes",
+]
 
 logger = logging.getLogger("distributed.gpuresources")
 
@@ -39,7 +48,31 @@ METRICS = {
 }
 
 _plugins: weakref.WeakSet = weakref.WeakSet()
-_collector_registered = False
+_collector: Any = None
+#: the module in Dask's ``distributed.scheduler.http.routes`` that turns on its ``/api/v1``
+DASK_API_ROUTES = "distributed.http.scheduler.api"
+
+
+def json_route_enabled() -> bool:
+    """Whether :data:`ROUTE` is served: ``gpuresources.scheduler.http.api`` when it is true
+    or false; when it is null (the default), whenever Dask serves its own ``/api/v1`` routes
+    (``distributed.http.scheduler.api`` in ``distributed.scheduler.http.routes``).
+
+    Examples
+    --------
+    >>> import dask
+    >>> with dask.config.set({"gpuresources.scheduler.http.api": True}):
+    ...     json_route_enabled()
+    True
+    """
+    import dask.config
+
+    from . import _config
+
+    setting = _config.get("gpuresources.scheduler.http.api")
+    if setting is not None:
+        return bool(setting)
+    return DASK_API_ROUTES in (dask.config.get("distributed.scheduler.http.routes", []) or [])
 
 
 def bokeh_pages(scheduler: Any) -> Any:
@@ -103,19 +136,49 @@ class _Collector:
 
 
 def install_routes(scheduler: Any, plugin: Any) -> None:
-    """Add the JSON route to ``scheduler``'s HTTP server and our gauges to ``/metrics``."""
-    global _collector_registered
+    """Add the JSON route (when :func:`json_route_enabled`) to ``scheduler``'s HTTP server
+    and our gauges to ``/metrics``."""
+    global _collector
     app = getattr(scheduler, "http_application", None)
-    if app is not None:
+    if app is not None and json_route_enabled():
         app.add_handlers(
             r".*",
             [(ROUTE, AllocationsHandler, {"dask_server": scheduler, "extra": {"plugin": plugin}})],
         )
     _plugins.add(plugin)
-    if not _collector_registered:
+    if _collector is None:
         try:
             import prometheus_client
         except ImportError:
             return  # Dask's /metrics explains how to get metrics; nothing to add
-        prometheus_client.REGISTRY.register(_Collector())
-        _collector_registered = True
+        _collector = _Collector()
+        prometheus_client.REGISTRY.register(_collector)
+
+
+def _serves(rule: Any, plugin: Any) -> bool:
+    """Whether a Tornado routing rule is (or nests) ``plugin``'s JSON route."""
+    target = rule.target
+    if getattr(target, "rules", None) is not None:  # a host rule holding a router
+        return any(_serves(r, plugin) for r in target.rules)
+    return (
+        target is AllocationsHandler and (rule.target_kwargs or {}).get("extra", {}).get("plugin")
+        is plugin
+    )
+
+
+def uninstall_routes(scheduler: Any, plugin: Any) -> None:
+    """Undo :func:`install_routes`: the JSON route, and the gauges once no plugin is left."""
+    global _collector
+    app = getattr(scheduler, "http_application", None)
+    router = getattr(app, "default_router", None)
+    if router is not None:
+        router.rules[:] = [r for r in router.rules if not _serves(r, plugin)]
+    _plugins.discard(plugin)
+    if _collector is not None and not _plugins:
+        import prometheus_client
+
+        try:
+            prometheus_client.REGISTRY.unregister(_collector)
+        except KeyError:  # unregistered by someone else
+            pass
+        _collector = None

@@ -22,9 +22,11 @@ or by :func:`dask_gpuresources.install`. It
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
+import sys
 from collections.abc import Hashable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -218,6 +220,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self._warned_hosts: set[str] = set()
         # worker -> the GPU capacity it declared, while its GPUs are refused (overlap: raise)
         self._refused: dict[str, float] = {}
+        # the round of questions to the workers under way (table refreshes share it)
+        self._refreshing: asyncio.Future | None = None
 
     def __getstate__(self) -> dict:
         return {"worker_plugin": self.worker_plugin}
@@ -313,6 +317,13 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 del self.scheduler.handlers[name]
         for addr in list(self._refused):
             self._restore_gpus(addr)
+        from ._http import uninstall_routes
+
+        uninstall_routes(self.scheduler, self)
+        if f"{__package__}.dashboard" in sys.modules:  # else no page was ever installed
+            from .dashboard import uninstall_page
+
+            uninstall_page(self.scheduler)
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         """Rename the lowercase ``gpu`` resource; check the worker's devices for overlap."""
@@ -800,13 +811,28 @@ class GPUSchedulerPlugin(SchedulerPlugin):
 
     async def _snapshots(self, refresh: bool) -> dict[str, dict]:
         """Worker snapshots: asked now with ``refresh`` (heartbeat ones where a worker
-        does not answer), else from the heartbeats."""
+        does not answer), else from the heartbeats.
+
+        Callers that ask while a round of questions is under way share it: a hundred
+        dashboard or ``status`` requests at once cost the workers one message each, not a
+        hundred.
+        """
         out = self._heartbeat_snapshots()
         if refresh and self.scheduler.workers:
-            fresh = await self.scheduler.broadcast(
-                msg={"op": PLUGIN_NAME}, workers=list(self.scheduler.workers), on_error="return"
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(
+                    self.scheduler.broadcast(
+                        msg={"op": PLUGIN_NAME},
+                        workers=list(self.scheduler.workers),
+                        on_error="return",
+                    )
+                )
+            fresh = await asyncio.shield(self._refreshing)
+            out.update(
+                (a, snap)
+                for a, snap in fresh.items()
+                if isinstance(snap, dict) and a in self.scheduler.workers
             )
-            out.update((a, snap) for a, snap in fresh.items() if isinstance(snap, dict))
         return out
 
     def table(self, snapshots: dict[str, dict] | None = None) -> dict:

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import dask
 import pytest
 from click.testing import CliRunner
 from distributed import Scheduler, SpecCluster, Worker
@@ -111,7 +112,7 @@ class Holder:
 
 def test_json_route_and_metrics_over_http():
     pytest.importorskip("prometheus_client")
-    with SpecCluster(
+    with dask.config.set({"gpuresources.scheduler.http.api": True}), SpecCluster(
         workers={"w": {"cls": Worker, "options": {"nthreads": 2, "resources": {"GPU": 2}}}},
         scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "port": 0}},
     ) as cluster:

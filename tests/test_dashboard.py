@@ -3,6 +3,8 @@ sources, the page and its navigation link served over HTTP, and the missing-depe
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 
@@ -310,3 +312,107 @@ def test_components_are_listed():
     assert {"GPUAllocations", "DeviceGrid", "DeviceBars", "HolderTable"} <= set(dir(dashboard))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         dashboard.Nope  # noqa: B018
+
+
+# -- the HTTP side's switches and its undoing --------------------------------------------------
+
+
+async def _get(url):
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+    try:
+        response = await AsyncHTTPClient().fetch(url)
+    except HTTPClientError as e:
+        return e.code, ""
+    return response.code, response.body.decode()
+
+
+DASHBOARD = {"dashboard": True, "dashboard_address": ":0"}
+
+
+@gen_cluster(
+    client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})], scheduler_kwargs=DASHBOARD
+)
+async def test_json_route_is_off_like_dasks_own_api(c, s, a):
+    await gr.install(c)
+    base = f"http://127.0.0.1:{s.http_server.port}"
+    assert (await _get(base + "/api/v1/gpu_allocations"))[0] == 404
+    assert (await _get(base + "/gpu-allocations"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"gpuresources.scheduler.http.api": True},
+        {
+            "distributed.scheduler.http.routes": [
+                "distributed.http.scheduler.api",
+                "distributed.http.scheduler.prometheus",
+                "distributed.http.health",
+            ]
+        },
+    ],
+    ids=["ours", "dasks"],
+)
+def test_json_route_follows_its_switch(config):
+    @gen_cluster(
+        client=True,
+        nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})],
+        scheduler_kwargs=DASHBOARD,
+        config=config,
+    )
+    async def run(c, s, a):
+        await gr.install(c)
+        code, body = await _get(f"http://127.0.0.1:{s.http_server.port}/api/v1/gpu_allocations")
+        assert code == 200
+        assert json.loads(body)["workers"][a.address]["gpus"] == 1
+
+    run()
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})],
+    scheduler_kwargs=DASHBOARD,
+    config={"gpuresources.scheduler.http.api": True},
+)
+async def test_close_undoes_the_route_the_page_and_the_gauges(c, s, a):
+    from distributed.dashboard.components.scheduler import env
+    from prometheus_client import REGISTRY, generate_latest
+
+    jinja_title = env.filters["title"]
+    await gr.install(c)
+    plugin = s.plugins["gpuresources"]
+    base = f"http://127.0.0.1:{s.http_server.port}"
+    assert (await _get(base + "/api/v1/gpu_allocations"))[0] == 200
+    assert (await _get(base + "/gpu-allocations"))[0] == 200
+    assert b"dask_gpuresources_worker_gpus" in generate_latest(REGISTRY)
+
+    await plugin.close()
+    assert (await _get(base + "/api/v1/gpu_allocations"))[0] == 404
+    assert (await _get(base + "/gpu-allocations"))[0] == 404
+    assert "gpu-allocations" not in (await _get(base + "/status"))[1]
+    assert b"dask_gpuresources_" not in generate_latest(REGISTRY)
+    assert env.filters["title"] is jinja_title
+    for name in ("gpuresources_allocations", "gpuresources_table"):
+        assert name not in s.handlers or s.handlers[name] != getattr(plugin, name, None)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})] * 2)
+async def test_table_requests_at_once_share_one_question_to_each_worker(c, s, a, b):
+    await gr.install(c)
+    plugin = s.plugins["gpuresources"]
+    asked = []
+    for w in (a, b):
+        handler = w.handlers["gpuresources"]
+
+        def counting(*args, _handler=handler, _w=w, **kwargs):
+            asked.append(_w.address)
+            return _handler(*args, **kwargs)
+
+        w.handlers["gpuresources"] = counting
+    tables = await asyncio.gather(*(plugin.table_handler(refresh=True) for _ in range(50)))
+    assert all(t.keys() == {a.address, b.address} for t in tables)
+    assert sorted(asked) == sorted([a.address, b.address])
+    await plugin.table_handler(refresh=True)  # a later request asks again
+    assert len(asked) == 4

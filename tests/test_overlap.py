@@ -146,8 +146,8 @@ async def test_disjoint_devices_and_distinct_uuids_do_not_warn(c, s, a, b):
 @gen_cluster(
     client=True,
     nthreads=[
-        ("127.0.0.1", 1, {"resources": {"GPU": 2}}),
-        ("127.0.0.2", 1, {"resources": {"GPU": 2}}),
+        ("127.0.0.1", 2, {"resources": {"GPU": 2}}),
+        ("127.0.0.2", 2, {"resources": {"GPU": 2}}),
     ],
     config=NO_PERIODIC,
 )
@@ -300,10 +300,10 @@ async def test_status_and_dashboard_show_the_overlap(c, s, a, b):
 
     component = GPUAllocations(s, plugin)
     component.update()
-    data = component.source.data
+    data = component.bars.background.data  # one row per device
     rows = {(w, d): i for i, (w, d) in enumerate(zip(data["worker"], data["device"], strict=True))}
-    shared = rows[a.address, "1"]
+    shared = rows[a.address, 1]
     assert data["overlap"][shared] == f"also handed out by {b.address}"
     assert data["color"][shared] == COLORS["overlap"]
-    assert data["overlap"][rows[a.address, "0"]] == ""
-    assert data["color"][rows[a.address, "0"]] == COLORS["free"]
+    assert data["overlap"][rows[a.address, 0]] == ""
+    assert data["color"][rows[a.address, 0]] == COLORS["free"]
