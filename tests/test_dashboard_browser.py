@@ -25,14 +25,19 @@ pytestmark = pytest.mark.skipif(
 )
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "gpu-allocations.png"
 
+# What the browser holds: one segment per holder, one background bar per device.
 ROWS = """
 const doc = window.Bokeh && Bokeh.documents[0];
 if (!doc) return null;
-const source = doc.get_model_by_name("gpu-allocations-source");
-if (!source || !source.data.row || source.data.row.length === 0) return null;
-const d = source.data;
-return Array.from(d.row).map((row, i) =>
-    [row, d.device[i], d.kind[i], d.held[i], d.holders_text[i]]);
+const segments = doc.get_model_by_name("gpu-allocations-source");
+const devices = doc.get_model_by_name("gpu-allocations-devices");
+if (!segments || !devices || !devices.data.row || devices.data.row.length === 0) return null;
+const s = segments.data, d = devices.data;
+return {
+    segments: Array.from(s.row || []).map((row, i) =>
+        [row, s.device[i], s.kind[i], s.amount[i], s.key[i]]),
+    devices: Array.from(d.row).map((row, i) => [row, d.device[i], d.held[i]]),
+};
 """
 
 
@@ -65,13 +70,14 @@ def test_page_shows_a_live_actor_on_its_device(tmp_path):
         rows = None
         while time.monotonic() < deadline:
             rows = driver.execute_script(ROWS)
-            if rows and any(key in r[4] for r in rows):
+            if rows and any(key in r[4] for r in rows["segments"]):
                 break
             time.sleep(0.25)
         assert rows, "the page drew no bars"
-        (mine,) = [r for r in rows if key in r[4]]
-        assert mine[1] == str(device) and mine[2] == "actor" and mine[3] == 1
-        assert [r[2] for r in rows].count("free") == 1
+        (mine,) = [r for r in rows["segments"] if key in r[4]]
+        assert mine[1] == int(device) and mine[2] == "actor" and mine[3] == 1
+        assert sorted(r[1] for r in rows["devices"]) == [0, 1]
+        assert [r[2] for r in rows["devices"]].count(0) == 1  # the other device is free
         assert "GPU" in driver.title or "Dask" in driver.title
         time.sleep(0.5)  # let the canvas paint
         target = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "page.png"
