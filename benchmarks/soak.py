@@ -86,7 +86,7 @@ import dask_gpuresources as gr
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "soak.json"
 SHARES_WHOLE = (1, 2)
 SHARES_FRACTION = (0.1, 0.2, 0.25, 0.3, 0.5)
-CHILD_MARK = "dask_gpuresources._isolation import main"
+CHILD_MARK = "dask_gpuresources._child import main"
 TAG_VAR = "DASK_GPURESOURCES_SOAK_TAG"
 PENDING_STATES = {"waiting", "queued", "no-worker", "processing"}
 

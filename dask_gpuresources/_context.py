@@ -20,7 +20,15 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TaskContext", "current", "get_gpu_ids", "set_process_context", "use"]
+__all__ = [
+    "RuntimeContext",
+    "TaskContext",
+    "current",
+    "get_gpu_ids",
+    "get_runtime_context",
+    "set_process_context",
+    "use",
+]
 
 
 @dataclass(frozen=True)
@@ -129,3 +137,53 @@ def invoke(function: Any, args: tuple, kwargs: dict) -> Any:
 
         result = asyncio.run(result)
     return result
+
+
+# -- Ray's runtime context ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """Where the calling code runs (Ray's ``get_runtime_context()``)."""
+
+    _task: TaskContext | None
+    _node: str | None
+
+    def get_node_id(self) -> str | None:
+        """The address of the worker running this code; ``None`` in the driver."""
+        return self._node
+
+    def get_task_id(self) -> str | None:
+        """The Dask key of the running task (or actor method call); ``None`` outside."""
+        return None if self._task is None else str(self._task.key)
+
+    def get_actor_id(self) -> str | None:
+        """The key of the actor whose constructor or method runs here, if any."""
+        if self._task is None or self._task.actor is None:
+            return None
+        return str(self._task.actor)
+
+    def get_accelerator_ids(self) -> dict[str, list[str]]:
+        """``{"GPU": [...]}``: the ids of the lease as strings (Ray's form)."""
+        ids = [] if self._task is None else [str(i) for i in self._task.gpu_ids]
+        return {"GPU": ids}
+
+
+def get_runtime_context() -> RuntimeContext:
+    """The running task's or actor's context; in the driver, an empty one."""
+    task = current()
+    if task is not None:
+        return RuntimeContext(task, task.worker)
+    from .exceptions import NoLeaseError
+
+    try:
+        from .worker import lease_of_running_task
+
+        plugin, key = lease_of_running_task()
+    except NoLeaseError:
+        return RuntimeContext(None, None)
+    ids = tuple(plugin.ids_for(key))
+    return RuntimeContext(
+        TaskContext(key, ids, tuple(plugin.tokens_for(key)), plugin.worker.address),
+        plugin.worker.address,
+    )

@@ -20,23 +20,16 @@ variable once, when they load) has to run in a process of its own. This module p
   ended and never reused; idle children are reaped; ``shutdown`` ends them all. A child also
   ends itself if the worker process disappears.
 
-Messages travel over a socket pair as cloudpickle (protocol 5) frames, with large buffers
-(NumPy arrays and the like) out of band: each is copied once, by the kernel.
-
-The child side is :func:`main` below (``python -m dask_gpuresources._isolation FD``). It
-imports neither ``distributed`` nor the worker modules.
+The wire format is :mod:`dask_gpuresources._wire` (pure framing and pickling), the child's
+main loop :mod:`dask_gpuresources._child` (it imports neither ``distributed`` nor the worker
+modules); this module is the worker's side: the pool of warm children bound to leases.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import os
-import pickle
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -46,8 +39,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
+from . import _wire
 from ._context import TaskContext
 from .exceptions import InvalidRequestError, IsolatedTaskError
 
@@ -56,7 +48,6 @@ __all__ = [
     "IsolatedExecutor",
     "IsolatedRun",
     "check_annotations",
-    "main",
     "parse_max_calls",
 ]
 
@@ -109,200 +100,6 @@ def check_annotations(annotations: dict | None) -> None:
         parse_max_calls(annotations["max_calls"])
 
 
-# -- wire format -----------------------------------------------------------------------------
-#
-# A message is a list of frames (a pickle and its out-of-band buffers), sent as
-#   prefix: frame count (I) and total frame bytes (Q)
-#   table:  each frame's length (Q)
-#   frames
-# so that a reader needs two reads (prefix, then the rest) whatever the number of frames,
-# and a small message goes out in one write: every isolated call crosses this twice.
-
-_PREFIX = struct.Struct("!IQ")
-_LENGTH = struct.Struct("!Q")
-_ONE_WRITE = 1 << 16  # messages up to this size are joined into a single write
-
-
-def _dumps(obj: Any) -> list[Any]:
-    # The standard pickler first, as Dask's own protocol does: it is several times faster
-    # than cloudpickle on the small messages of every call. cloudpickle takes over for what
-    # only it can pickle, and for anything of __main__, which the other side cannot import.
-    buffers: list[pickle.PickleBuffer] = []
-    try:
-        head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    except Exception:
-        head = None
-    if head is None or b"__main__" in head:
-        buffers = []
-        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    return [head, *(b.raw() for b in buffers)]
-
-
-def _loads(frames: list[Any]) -> Any:
-    return pickle.loads(frames[0], buffers=frames[1:])
-
-
-def _chunks(frames: Sequence[Any]) -> list[Any]:
-    """What to write for ``frames``: one chunk for a small message, else header + frames."""
-    sizes = [memoryview(f).nbytes for f in frames]
-    total = sum(sizes)
-    header = _PREFIX.pack(len(frames), total) + b"".join(_LENGTH.pack(n) for n in sizes)
-    if total <= _ONE_WRITE:
-        return [header + b"".join(frames)]
-    return [header, *frames]
-
-
-def _split(count: int, body: bytearray) -> list[memoryview]:
-    """The frames of a message from its table and frames (views, no copies)."""
-    view = memoryview(body)
-    offset = _LENGTH.size * count
-    frames = []
-    for i in range(count):
-        (n,) = _LENGTH.unpack_from(body, i * _LENGTH.size)
-        frames.append(view[offset : offset + n])
-        offset += n
-    return frames
-
-
-def _send(sock: socket.socket, frames: Sequence[Any]) -> None:
-    for chunk in _chunks(frames):
-        sock.sendall(chunk)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
-            raise EOFError("the other end closed the connection")
-        got += k
-    return buf
-
-
-def _recv(sock: socket.socket) -> list[memoryview]:
-    count, total = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
-    return _split(count, _recv_exact(sock, _LENGTH.size * count + total))
-
-
-async def _asend(sock: socket.socket, frames: Sequence[Any]) -> None:
-    loop = asyncio.get_running_loop()
-    for chunk in _chunks(frames):
-        await loop.sock_sendall(sock, chunk)
-
-
-async def _arecv_exact(sock: socket.socket, n: int) -> bytearray:
-    loop = asyncio.get_running_loop()
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = await loop.sock_recv_into(sock, view[got:])
-        if not k:
-            raise EOFError("the other end closed the connection")
-        got += k
-    return buf
-
-
-async def _arecv(sock: socket.socket) -> list[memoryview]:
-    count, total = _PREFIX.unpack(await _arecv_exact(sock, _PREFIX.size))
-    return _split(count, await _arecv_exact(sock, _LENGTH.size * count + total))
-
-
-# -- the child ---------------------------------------------------------------------------------
-
-
-def _watch_parent(parent: int) -> None:
-    # A worker killed with SIGKILL cannot end its children; they notice instead.
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(70)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _error_frames(exc: BaseException) -> list[Any]:
-    from tblib import pickling_support
-
-    pickling_support.install(exc)
-    try:
-        return _dumps(("error", exc))
-    except Exception:
-        import traceback
-
-        text = "".join(traceback.format_exception(exc))
-        return _dumps(("error", RuntimeError(f"unpicklable exception in the child:\n{text}")))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Child process: run the tasks the worker sends until it closes the connection."""
-    from . import _context
-
-    # Ctrl-C in a terminal reaches the whole process group; the worker decides what ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    argv = sys.argv[1:] if argv is None else argv
-    sock = socket.socket(fileno=int(argv[0]))
-    _watch_parent(int(argv[1]))
-    try:
-        op, init = _loads(_recv(sock))
-    except (EOFError, OSError):  # the worker let go of this child before using it
-        return
-    sys.path[:] = init["sys_path"]
-    for module in init["preload"]:
-        try:
-            __import__(module)
-        except Exception as err:  # a preload is an optimisation, never a reason to fail
-            print(f"dask_gpuresources child: could not preload {module}: {err}", file=sys.stderr)
-    _send(sock, _dumps(("ready", os.getpid())))
-
-    instance: Any = None  # the actor this child hosts, if it hosts one
-    home: Any = None  # that actor's context, current between its method calls
-    while True:
-        try:
-            frames = _recv(sock)
-        except (EOFError, OSError):
-            return
-        try:
-            message = _loads(frames)
-            op, context = message[0], message[1]
-            _context.set_process_context(context)
-            if op == "run":
-                run_spec, data = message[2:]
-                result = run_spec(data)
-            elif op == "actor-init":
-                cls, args, kwargs = message[2:]
-                home = context
-                instance = cls(*args, **kwargs)
-                result = None
-            elif op == "actor-call":
-                name, args, kwargs = message[2:]
-                result = getattr(instance, name)(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = asyncio.run(_awaited(result))
-            else:
-                raise ValueError(f"unknown message {op!r}")
-            reply = _dumps(("ok", result))
-        except SystemExit as exc:
-            # sys.exit() in a task ends its process, as os._exit() would; the worker reports
-            # the exit code. (Raised in the worker, it would take the worker down.)
-            os._exit(exc.code if isinstance(exc.code, int) else 1)
-        except BaseException as exc:  # everything goes back to the worker, as in a thread
-            reply = _error_frames(exc)
-        finally:
-            _context.set_process_context(home)
-        try:
-            _send(sock, reply)
-        except OSError:
-            return
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
-
-
 # -- the worker side ------------------------------------------------------------------------
 
 
@@ -327,7 +124,7 @@ class _Child:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
-            "from dask_gpuresources._isolation import main; main()"
+            "from dask_gpuresources._child import main; main()"
         )
         try:
             self.proc = subprocess.Popen(
@@ -344,19 +141,21 @@ class _Child:
         self.idle_since = time.monotonic()
         self.ready = False
         self.abort_reason: str | None = None
-        _send(ours, _dumps(("init", {"sys_path": list(sys.path), "preload": list(preload)})))
+        _wire.send(
+            ours, _wire.dumps(("init", {"sys_path": list(sys.path), "preload": list(preload)}))
+        )
 
     def wait_ready(self) -> None:
         if self.ready:
             return
-        op, pid = _loads(_recv(self.sock))
+        op, pid = _wire.loads(_wire.recv(self.sock))
         if op != "ready":
             raise EOFError(f"unexpected first message {op!r}")
         self.ready = True
 
     def call(self, frames: list[Any]) -> Any:
-        _send(self.sock, frames)
-        op, value = _loads(_recv(self.sock))
+        _wire.send(self.sock, frames)
+        op, value = _wire.loads(_wire.recv(self.sock))
         if op == "error":
             raise value
         return value
@@ -564,7 +363,7 @@ class IsolatedExecutor(Executor):
             self._actors[context.key] = child
         try:
             child.wait_ready()
-            child.call(_dumps(("actor-init", context, cls, args, kwargs)))
+            child.call(_wire.dumps(("actor-init", context, cls, args, kwargs)))
         except (EOFError, OSError) as err:
             self.end_actor(context.key)
             raise self._died(child, IsolatedRun(context.key, (), context.tokens, 0)) from err
@@ -580,10 +379,10 @@ class IsolatedExecutor(Executor):
 
         The child's socket is non-blocking; the caller runs one call at a time per actor.
         """
-        frames = _dumps(("actor-call", context, name, args, kwargs))
+        frames = _wire.dumps(("actor-call", context, name, args, kwargs))
         try:
-            await _asend(child.sock, frames)
-            op, value = _loads(await _arecv(child.sock))
+            await _wire.asend(child.sock, frames)
+            op, value = _wire.loads(await _wire.arecv(child.sock))
         except (EOFError, OSError) as err:
             child.kill()
             from .exceptions import ActorDiedError
@@ -610,7 +409,7 @@ class IsolatedExecutor(Executor):
 
     def _call(self, run: IsolatedRun, run_spec: Any, data: dict) -> Any:
         context = TaskContext(run.key, run.gpu_ids, run.tokens, self._worker_address())
-        frames = _dumps(("run", context, run_spec, data))
+        frames = _wire.dumps(("run", context, run_spec, data))
         child = self._checkout(run)
         try:
             result = child.call(frames)
@@ -816,7 +615,3 @@ class IsolatedExecutor(Executor):
         for child in stale:
             child.close()
         return len(stale) + len(dead)
-
-
-if __name__ == "__main__":
-    main()

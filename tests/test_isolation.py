@@ -370,7 +370,10 @@ def test_wire_format_round_trips_and_keeps_main_by_value():
     import socket
     import types
 
-    from dask_gpuresources._isolation import _dumps, _loads, _recv, _send
+    from dask_gpuresources._wire import dumps as _dumps
+    from dask_gpuresources._wire import loads as _loads
+    from dask_gpuresources._wire import recv as _recv
+    from dask_gpuresources._wire import send as _send
 
     np = pytest.importorskip("numpy")
     in_main = types.FunctionType((lambda x: x + 1).__code__, {"__name__": "__main__"}, "inc")
