@@ -92,7 +92,9 @@ class ActorHost:
                 return None
             if self._dead is not None:
                 raise ActorDiedError(self.key, self.worker, self._dead)
-            args, kwargs = pickle.loads(payload)
+            # The payload is unpickled where the method runs (the actor's thread, or its
+            # child), never on the event loop: a call carrying model weights (hundreds of MB)
+            # must not stall the worker's heartbeats and every other task's traffic.
             context = TaskContext(
                 f"{self.key}.{method}#{seq}",
                 self.context.gpu_ids,
@@ -102,7 +104,7 @@ class ActorHost:
             )
             if self._child is not None:
                 # Tasks run in the order they are created: the lock is taken in turn order.
-                future = asyncio.ensure_future(self._call_child(context, method, args, kwargs))
+                future = asyncio.ensure_future(self._call_child(context, method, payload))
             else:
                 # Submitted before anything else can interleave: calls run in turn order. The
                 # copied context carries the worker, so get_worker() works in the method.
@@ -112,8 +114,7 @@ class ActorHost:
                     self._run,
                     context,
                     method,
-                    args,
-                    kwargs,
+                    payload,
                 )
         finally:
             self._next[caller] = max(self._next[caller], seq + 1)
@@ -122,15 +123,14 @@ class ActorHost:
                     self._turn.notify_all()
         return await future
 
-    async def _call_child(
-        self, context: TaskContext, method: str, args: tuple, kwargs: dict
-    ) -> Any:
+    async def _call_child(self, context: TaskContext, method: str, payload: bytes) -> Any:
         async with self._io:
-            return await self._executor.acall_actor(self._child, context, method, args, kwargs)
+            return await self._executor.acall_actor(self._child, context, method, payload)
 
-    def _run(self, context: TaskContext, method: str, args: tuple, kwargs: dict) -> Any:
+    def _run(self, context: TaskContext, method: str, payload: bytes) -> Any:
         if self._dead is not None:  # queued behind a method that was running at kill()
             raise ActorDiedError(self.key, self.worker, self._dead)
+        args, kwargs = pickle.loads(payload)
         with _context.use(context):
             result = getattr(self._instance, method)(*args, **kwargs)
         if asyncio.iscoroutine(result):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (EOFError, OSError):  # the worker let go of this child before using it
         return
     sys.path[:] = init["sys_path"]
+    _context.set_cluster(init.get("cluster"))
     for module in init["preload"]:
         try:
             __import__(module)
@@ -89,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 instance = cls(*args, **kwargs)
                 result = None
             elif op == "actor-call":
-                name, args, kwargs = message[2:]
+                name, payload = message[2:]
+                args, kwargs = pickle.loads(payload)  # the caller's own pickle
                 result = getattr(instance, name)(*args, **kwargs)
                 if inspect.isawaitable(result):
                     result = asyncio.run(_awaited(result))

@@ -70,6 +70,20 @@ def current() -> TaskContext | None:
     return context if context is not None else _process
 
 
+_cluster: dict[str, Any] | None = None
+
+
+def set_cluster(info: dict[str, Any] | None) -> None:
+    """In an isolated child: how to reach the worker's cluster (scheduler address, TLS)."""
+    global _cluster
+    _cluster = info
+
+
+def cluster() -> dict[str, Any] | None:
+    """In an isolated child: ``{"scheduler": address, "security": {...}}``; else None."""
+    return _cluster
+
+
 def set_process_context(context: TaskContext | None) -> None:
     """In an isolated child: the task that owns the whole process, or ``None`` between tasks."""
     global _process

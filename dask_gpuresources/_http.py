@@ -161,8 +161,8 @@ def _serves(rule: Any, plugin: Any) -> bool:
     if getattr(target, "rules", None) is not None:  # a host rule holding a router
         return any(_serves(r, plugin) for r in target.rules)
     return (
-        target is AllocationsHandler and (rule.target_kwargs or {}).get("extra", {}).get("plugin")
-        is plugin
+        target is AllocationsHandler
+        and (rule.target_kwargs or {}).get("extra", {}).get("plugin") is plugin
     )
 
 

@@ -27,8 +27,10 @@ modules); this module is the worker's side: the pool of warm children bound to l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -55,6 +57,8 @@ logger = logging.getLogger("distributed.gpuresources")
 
 #: Name under which the worker plugin registers the executor (``worker.executors[...]``).
 EXECUTOR_NAME = "gpuresources"
+#: an isolated actor's reply larger than this is unpickled on a thread, off the event loop
+OFF_LOOP_BYTES = 1 << 20
 
 ISOLATION_MODES = ("thread", "process")
 
@@ -116,7 +120,13 @@ class IsolatedRun:
 class _Child:
     """One child process bound to a device set (``tokens``)."""
 
-    def __init__(self, tokens: tuple[str, ...], *, preload: Sequence[str]) -> None:
+    def __init__(
+        self,
+        tokens: tuple[str, ...],
+        *,
+        preload: Sequence[str],
+        cluster: dict[str, Any] | None = None,
+    ) -> None:
         self.tokens = tokens
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
@@ -141,9 +151,8 @@ class _Child:
         self.idle_since = time.monotonic()
         self.ready = False
         self.abort_reason: str | None = None
-        _wire.send(
-            ours, _wire.dumps(("init", {"sys_path": list(sys.path), "preload": list(preload)}))
-        )
+        init = {"sys_path": list(sys.path), "preload": list(preload), "cluster": cluster}
+        _wire.send(ours, _wire.dumps(("init", init)))
 
     def wait_ready(self) -> None:
         if self.ready:
@@ -216,6 +225,9 @@ class IsolatedExecutor(Executor):
     nvml, recycle_gpu_memory
         With both: recycle a child holding more than ``recycle_gpu_memory`` bytes of GPU
         memory after its task.
+    cluster
+        Returns ``{"scheduler": address, "security": {field: value}}`` for a new child, so
+        that ``.remote()`` inside an isolated task can reach the cluster; None: it cannot.
     """
 
     def __init__(
@@ -229,8 +241,10 @@ class IsolatedExecutor(Executor):
         preload: Sequence[str] = (),
         nvml: Any = None,
         recycle_gpu_memory: int | None = None,
+        cluster: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self._resolve = resolve
+        self._cluster = cluster
         self._worker_address = worker_address
         self._threads = ThreadPoolExecutor(max_workers, thread_name_prefix="gpuresources-isolated")
         self.idle_timeout = idle_timeout
@@ -373,16 +387,26 @@ class IsolatedExecutor(Executor):
         return child
 
     async def acall_actor(
-        self, child: _Child, context: TaskContext, name: str, args: tuple, kwargs: dict
+        self, child: _Child, context: TaskContext, name: str, payload: bytes
     ) -> Any:
         """Run method ``name`` of the actor hosted by ``child``, from the worker's event loop.
 
-        The child's socket is non-blocking; the caller runs one call at a time per actor.
+        ``payload`` is the caller's pickle of ``(args, kwargs)``: it goes to the child as an
+        out-of-band buffer (no copy, no unpickling here), and a large reply is unpickled on
+        a thread, so that the event loop never spends more than a few microseconds per call
+        whatever the call carries. The child's socket is non-blocking; the caller runs one
+        call at a time per actor.
         """
-        frames = _wire.dumps(("actor-call", context, name, args, kwargs))
+        frames = _wire.dumps(("actor-call", context, name, pickle.PickleBuffer(payload)))
         try:
             await _wire.asend(child.sock, frames)
-            op, value = _wire.loads(await _wire.arecv(child.sock))
+            reply = await _wire.arecv(child.sock)
+            if sum(f.nbytes for f in reply) > OFF_LOOP_BYTES:
+                op, value = await asyncio.get_running_loop().run_in_executor(
+                    None, _wire.loads, reply
+                )
+            else:
+                op, value = _wire.loads(reply)
         except (EOFError, OSError) as err:
             child.kill()
             from .exceptions import ActorDiedError
@@ -572,7 +596,9 @@ class IsolatedExecutor(Executor):
         )
 
     def _start(self, tokens: tuple[str, ...]) -> _Child:
-        child = _Child(tokens, preload=self.preload)
+        child = _Child(
+            tokens, preload=self.preload, cluster=None if self._cluster is None else self._cluster()
+        )
         self.started += 1
         return child
 

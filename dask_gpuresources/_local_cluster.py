@@ -151,6 +151,32 @@ def _abandon(process: subprocess.Popen) -> None:
         process.wait()
 
 
+#: Security's fields -> the Dask config keys a worker process builds its Security from
+_TLS_CONFIG = {
+    "require_encryption": "distributed.comm.require-encryption",
+    "tls_ca_file": "distributed.comm.tls.ca-file",
+    "tls_ciphers": "distributed.comm.tls.ciphers",
+    "tls_client_cert": "distributed.comm.tls.client.cert",
+    "tls_client_key": "distributed.comm.tls.client.key",
+    "tls_worker_cert": "distributed.comm.tls.worker.cert",
+    "tls_worker_key": "distributed.comm.tls.worker.key",
+}
+
+
+def tls_config(security: Any) -> dict[str, Any]:
+    """The Dask config that makes a worker process's ``Security()`` equal ``security``.
+
+    Certificates and keys go as they are: file paths, or the PEM text itself for
+    ``Security.temporary()`` (Dask's ``Security`` takes either).
+    """
+    out = {}
+    for field, key in _TLS_CONFIG.items():
+        value = getattr(security, field, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
 class _WorkerProcess(SubprocessWorker):
     """A local worker in a process of its own (``dask spec``, run by ``_local_worker``).
 
@@ -165,11 +191,13 @@ class _WorkerProcess(SubprocessWorker):
         *args: Any,
         env: dict[str, str] | None = None,
         prestarted: list | None = None,
+        security: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._env = env  # e.g. this worker's CUDA_VISIBLE_DEVICES
         self._prestarted = prestarted  # a one-element list, emptied when taken
+        self._security = security  # the cluster's TLS, handed to the process on stdin
 
     async def _start(self) -> None:
         if self._prestarted:
@@ -178,7 +206,11 @@ class _WorkerProcess(SubprocessWorker):
             process = _spawn_worker_process(self._env)
         self.process = process
         spec = {"cls": self.worker_class, "opts": self.worker_kwargs}
-        line = json.dumps({"address": self.scheduler, "spec": spec}) + "\n"
+        message = {"address": self.scheduler, "spec": spec}
+        if self._security is not None:
+            # On stdin, not in the environment or argv: other users cannot read a pipe.
+            message["tls"] = tls_config(self._security)
+        line = json.dumps(message) + "\n"
         try:
             process.stdin.write(line.encode())
             process.stdin.close()
@@ -251,6 +283,7 @@ def _local_cluster(
                 "worker_class": "distributed.Worker",
                 "worker_kwargs": kwargs,
                 "env": env,
+                "security": security,
                 "prestarted": [_spawn_worker_process(env)],
             },
         }

@@ -3,8 +3,9 @@
 ``python -m dask_gpuresources._local_worker`` is started before the scheduler exists, so
 that its imports (Dask and the worker plugin: about half a second) run on another core while
 the scheduler starts. The scheduler address and the worker spec then arrive as one JSON line
-on stdin, ``{"address": ..., "spec": {...}}``, and the process runs Dask's own ``dask spec``
-with them. End of input before that line (the driver gave up) ends the process.
+on stdin, ``{"address": ..., "spec": {...}}`` (with the cluster's TLS configuration under
+``"tls"`` when ``init`` was given a ``security``), and the process runs Dask's own
+``dask spec`` with them. End of input before that line (the driver gave up) ends the process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def run() -> None:
     if not line.strip():
         return
     message = json.loads(line)
+    if message.get("tls"):
+        # The cluster's TLS (init(security=...)): the worker's Security() reads it from here.
+        import dask.config
+
+        dask.config.set(message["tls"])
     dask_spec([message["address"], "--spec", json.dumps(message["spec"])])
 
 

@@ -244,7 +244,7 @@ def _worker_runtime() -> Runtime | None:
     try:
         distributed.get_worker()
     except ValueError:
-        return None
+        return _child_runtime()
     with _worker_runtime_lock:
         if current is None:
             client = distributed.get_client()  # the worker's own client
@@ -256,6 +256,45 @@ def _worker_runtime() -> Runtime | None:
 
 
 _worker_runtime_lock = threading.Lock()
+
+
+def _child_runtime() -> Runtime | None:
+    """Inside an isolated task's or actor's child process: a runtime on a client of its own,
+    connected to the worker's scheduler with the worker's TLS settings. Made once per child,
+    on first use (a child that never calls ``.remote()`` never imports a client)."""
+    global current
+    from . import _context
+
+    info = _context.cluster()
+    if info is None:
+        return None
+    with _worker_runtime_lock:
+        if current is None:
+            from distributed.security import Security
+
+            client = Client(
+                info["scheduler"],
+                security=Security(**info["security"]),
+                # the child's only client: Dask's wait() and gather() look for a default
+                set_as_default=True,
+                name="dask_gpuresources-isolated-child",
+            )
+            runtime = Runtime(client, None)
+            runtime.batcher = _new_batcher(client)
+            capacities(runtime)
+            current = runtime
+            atexit.register(_close_child_runtime)
+    return current
+
+
+def _close_child_runtime() -> None:
+    global current
+    runtime, current = current, None
+    if runtime is not None:
+        with contextlib.suppress(Exception):
+            runtime.batcher.close()
+        with contextlib.suppress(Exception):
+            runtime.client.close(timeout=2)
 
 
 def capacities(runtime: Runtime) -> list[tuple[str, dict[str, float]]]:

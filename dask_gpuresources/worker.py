@@ -237,6 +237,7 @@ class WorkerDevices:
             preload=_config.get("gpuresources.isolation.preload"),
             nvml=None if memory is None else (self.nvml or default_backend()),
             recycle_gpu_memory=memory,
+            cluster=lambda: _cluster_of(worker),
         )
         worker.executors[EXECUTOR_NAME] = self.executor
 
@@ -709,3 +710,19 @@ def lease_of_running_task() -> tuple[WorkerDevices, Hashable]:
             "dask_gpuresources.install(client)"
         )
     return devices, key
+
+
+def _cluster_of(worker: Any) -> dict[str, Any] | None:
+    """What an isolated child needs to reach the worker's cluster: the scheduler's address
+    and the worker's TLS settings (as plain values: the child does not import Dask until a
+    task asks for the cluster)."""
+    address = getattr(getattr(worker, "scheduler", None), "address", None)
+    if address is None:
+        return None
+    security = getattr(worker, "security", None)
+    fields = {}
+    for field in getattr(type(security), "__slots__", ()):
+        value = getattr(security, field, None)
+        if field != "extra_conn_args" and value is not None:
+            fields[field] = value
+    return {"scheduler": address, "security": fields}

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -36,6 +37,57 @@ def test_remote_inside_a_task_in_a_worker_process(session):
     f = gr.remote(nested)
     assert gr.get(f.remote(5), timeout=60) == 11
     assert gr.get([f.remote(i) for i in range(3)], timeout=60) == [1, 3, 5]
+
+
+def nested_on_a_gpu(x):
+    # runs in an isolated child (num_gpus=1 runs isolated): no worker in this process, so
+    # .remote() goes through a client the child connects to the worker's scheduler
+    inner = gr.remote(double)
+    return gr.get(inner.remote(x), timeout=30) + 1, gr.get_gpu_ids()
+
+
+class NestingActor:
+    def call(self, x):
+        return gr.get(gr.remote(double).remote(x), timeout=30)
+
+
+def test_remote_inside_an_isolated_task_and_actor(session):
+    f = gr.remote(num_gpus=1)(nested_on_a_gpu)
+    results = gr.get([f.remote(1), f.remote(2)], timeout=60)
+    assert [value for value, _ in results] == [3, 5]
+    assert all(len(ids) == 1 and ids[0] in (0, 1) for _, ids in results)
+    actor = gr.remote(num_gpus=1)(NestingActor).remote()
+    assert gr.get(actor.call.remote(4), timeout=60) == 8
+    gr.kill(actor)
+
+
+class Unpickled:
+    """An argument that records where it was unpickled (process and thread)."""
+
+    def __init__(self, size):
+        self.blob = b"x" * size
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.where = [*state.get("where", ()), (os.getpid(), threading.current_thread().name)]
+
+
+class Where:
+    def where(self, arg):
+        return arg.where, len(arg.blob), os.getpid()
+
+
+def test_actor_arguments_are_unpickled_where_the_method_runs(session):
+    # Never on the worker's event loop: a call carrying model weights would stall it.
+    isolated = gr.remote(num_gpus=1)(Where).remote()
+    where, size, child = gr.get(isolated.where.remote(Unpickled(8 << 20)), timeout=60)
+    assert size == 8 << 20
+    assert [pid for pid, _ in where] == [child]  # once, in the actor's child: not the worker
+    threaded = gr.remote(num_gpus=1, isolation="thread")(Where).remote()
+    where, size, _ = gr.get(threaded.where.remote(Unpickled(1 << 20)), timeout=60)
+    assert len(where) == 1 and where[0][1].startswith("actor-"), where  # the actor's thread
+    gr.kill(isolated)
+    gr.kill(threaded)
 
 
 async def async_double(x):
