@@ -34,7 +34,6 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-import cloudpickle
 import dask
 import pytest
 from distributed import Client
@@ -43,9 +42,6 @@ import dask_gpuresources as gr
 from dask_gpuresources._nvml import RealNVML
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
-
-# The worker processes cannot import this test module: its task functions travel by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 GiB = 2**30
 LIBRARIES = ("torch", "cupy")
@@ -108,9 +104,10 @@ def cluster(tmp_path, *, worker_args=(), worker_env=None, nthreads=1):
         log.close()
 
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    # the worker processes import the package from wherever this test run imports it
-    root = str(Path(gr.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    # The processes import the package from where this test run imports it, and this module
+    # (Dask pickles the task functions below by reference; the isolated children inherit it).
+    paths = [Path(gr.__file__).resolve().parent.parent, Path(__file__).resolve().parent]
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), *filter(None, [env.get("PYTHONPATH")])])
     try:
         spawn(
             "scheduler",
