@@ -141,6 +141,11 @@ def cluster(tmp_path, *, worker_args=(), worker_env=None, nthreads=1):
                 p.wait(timeout=30)
 
 
+def pinned():
+    """A worker environment that gives the worker the first GPU alone, by index."""
+    return {"CUDA_VISIBLE_DEVICES": str(DEVICE.index)}
+
+
 def worker_resources(client):
     (info,) = client.scheduler_info()["workers"].values()
     return info["resources"]
@@ -254,7 +259,7 @@ def test_undeclared_worker_detects_the_gpu_and_metrics_show_its_memory(tmp_path)
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_isolated_task_sees_one_device_in_its_library(tmp_path, library):
     needs(library)
-    with cluster(tmp_path) as (client, _):
+    with cluster(tmp_path, worker_env=pinned()) as (client, _):
         with dask.annotate(isolation="process"):
             seen = client.submit(sees, library, resources={"GPU": 1}, pure=False).result(
                 timeout=120
@@ -270,7 +275,7 @@ def test_four_quarter_tasks_share_the_device_at_once(tmp_path):
     nvml = RealNVML()
     baseline = nvml.memory_used(DEVICE.index)
     barrier = tempfile.mkdtemp(dir=tmp_path)
-    with cluster(tmp_path, nthreads=4) as (client, _):
+    with cluster(tmp_path, worker_env=pinned(), nthreads=4) as (client, _):
         with dask.annotate(isolation="process"):
             futures = [
                 client.submit(
@@ -296,7 +301,7 @@ def test_leaked_gpu_memory_goes_back_to_the_device(tmp_path, how):
     library = any_library()
     nvml = RealNVML()
     index = DEVICE.index
-    worker_env = {"CUDA_VISIBLE_DEVICES": str(index)}
+    worker_env = pinned()
     annotations = {"isolation": "process"}
     if how == "max_calls=1":
         annotations["max_calls"] = 1
