@@ -283,7 +283,7 @@ def test_four_quarter_tasks_share_the_device_at_once(tmp_path):
                 )
                 for i in range(4)
             ]
-            results = client.gather(futures)
+            results = [f.result(timeout=180) for f in futures]
     assert all(r["together"] for r in results), results  # all four held the device at once
     assert len({r["pid"] for r in results}) == 4  # in four processes
     assert {r["visible"] for r in results} == {str(DEVICE.index)}
