@@ -15,6 +15,7 @@ import logging
 import pickle
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,7 @@ import distributed
 from distributed import Client, Future
 
 from . import _context, _runtime
+from ._dask_internals import cancel_reason
 from .exceptions import ActorDiedError, GetTimeoutError, TaskCancelledError
 
 logger = logging.getLogger("dask_gpuresources.api")
@@ -189,12 +191,12 @@ def get(refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> A
             ) from None
         for f in futures:
             if f.status == "cancelled":
-                raise TaskCancelledError(f.key)
+                raise TaskCancelledError(f.key, cancel_reason(f))
         try:
             values = futures[0].client.gather(futures)
         except concurrent.futures.CancelledError:
-            cancelled = [f.key for f in futures if f.status == "cancelled"]
-            raise TaskCancelledError(cancelled[0] if cancelled else futures[0].key) from None
+            cancelled = [f for f in futures if f.status == "cancelled"] or futures[:1]
+            raise TaskCancelledError(cancelled[0].key, cancel_reason(cancelled[0])) from None
         gathered = {f.key: v for f, v in zip(futures, values, strict=True)}
     values = []
     for ref in items:
@@ -390,12 +392,20 @@ class Batcher:
         """The function as data in the cluster: shipped once, not pickled into every task.
 
         A function defined in a script is pickled by value; inside each task that would be
-        paid for every call, by the scheduler and by the worker. As a scattered value, each
-        worker receives it once and keeps it in memory.
+        paid for every call, by the scheduler and by the worker. As the result of one small
+        task, each worker receives it once and keeps it in memory.
+
+        A task, not scattered data: Dask keeps one replica of a value no task is waiting
+        for (its memory manager undoes a broadcast), and scattered data that is lost with
+        its worker cannot be made again, so every call of the function would fail with the
+        host that held it. A task's result is computed again elsewhere.
         """
         future = self.functions.get(function)
         if future is None or future.status in ("lost", "error", "cancelled"):
-            (future,) = self.client.scatter([function], hash=False, broadcast=True)
+            name = getattr(function, "__name__", "function")
+            (future,) = self.client.map(
+                _the_function, [function], key=[f"function-{name}-{uuid.uuid4().hex}"], pure=False
+            )
             self.functions[function] = future
         return future
 
@@ -443,6 +453,10 @@ class Batcher:
             self.closed = True
             self.wake.notify()
         self.thread.join(timeout=10)
+
+
+def _the_function(function: Callable) -> Callable:
+    return function
 
 
 def _reraise(exc: BaseException) -> Any:

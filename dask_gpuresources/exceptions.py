@@ -169,11 +169,15 @@ class ActorDiedError(RuntimeError):
 
 
 class TaskCancelledError(RuntimeError):
-    """``get()`` of a task that was cancelled (``cancel(ref)``), or that depends on one."""
+    """``get()`` of a task that was cancelled (``cancel(ref)``), or that depends on one, or
+    whose input was lost with its worker (an object from ``put()`` lives on one worker);
+    ``reason`` says why when Dask gave one."""
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, reason: str | None = None) -> None:
         self.key = key
-        super().__init__(f"task {key!r} was cancelled before it returned a value")
+        self.reason = reason
+        text = f"task {key!r} was cancelled before it returned a value"
+        super().__init__(f"{text}: {reason}" if reason else text)
 
     def __reduce__(self):
-        return type(self), (self.key,)
+        return type(self), (self.key, self.reason)

@@ -8,8 +8,9 @@ bed. Loopback is up in each.
 
 Every name carries the creating process id (``gpr<pid>-a``, ``gpr<pid>br``, ...), so parallel
 runs never clash, and :func:`remove_stale` can tell leftovers of a killed run (whose pid is
-gone) from a live bed. :meth:`MultiHostBed.close` removes everything :meth:`MultiHostBed.create` made,
-processes first, whatever state it is in, and may be called twice.
+gone) from a live bed. :meth:`MultiHostBed.close` removes everything that
+:meth:`MultiHostBed.create` made, processes first, whatever state it is in, and may be called
+twice.
 
 A host's name resolves to its own address inside its namespace (``ip netns exec`` mounts
 ``/etc/netns/<ns>/hosts`` over ``/etc/hosts``), as on a real machine: Dask's address
@@ -62,7 +63,7 @@ def unavailable() -> str | None:
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"
     if os.geteuid() != 0:
-        return "creating network namespaces needs root (this test runs as uid %d)" % os.geteuid()
+        return f"creating network namespaces needs root (this runs as uid {os.geteuid()})"
     probe = f"{PREFIX}{os.getpid()}-probe"
     try:
         made = _ip("netns", "add", probe, check=False)

@@ -113,3 +113,18 @@ async def test_an_actor_proxy_holds_its_own_future_on_the_key(c, s, a):
     assert isinstance(proxy._future, Future) and proxy._future.key == proxy.key
     release_actor_proxy(proxy)
     assert proxy._future._cleared
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_a_cancelled_future_says_why(c, s, a):
+    # What TaskCancelledError quotes (cancel_reason): the message Dask gives the client.
+    from distributed import Event
+
+    from dask_gpuresources._dask_internals import cancel_reason
+
+    event = Event()
+    future = c.submit(event.wait, 30)
+    await c.cancel(future, reason="canary", msg="its input was lost")
+    assert future.status == "cancelled"
+    assert cancel_reason(future) == "its input was lost"
+    await event.set()

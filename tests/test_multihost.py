@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +84,8 @@ def start_worker(bed, host, address, *, name="worker", tls=None):
     ip = bed.hosts[host].ip
     tls_args = []
     if tls:
-        tls_args = ["--tls-ca-file", tls["ca"], "--tls-cert", tls[host][0], "--tls-key", tls[host][1]]
+        cert, key = tls[host]
+        tls_args = ["--tls-ca-file", tls["ca"], "--tls-cert", cert, "--tls-key", key]
     return bed.dask(
         host,
         [
@@ -117,6 +114,7 @@ import dask_gpuresources as ray
 from distributed import get_client
 
 ADDRESS = os.environ["MULTIHOST_ADDRESS"]
+A, B, C = "198.51.100.1", "198.51.100.2", "198.51.100.3"
 SECURITY = None
 if os.environ.get("MULTIHOST_TLS"):
     from distributed.security import Security
@@ -229,3 +227,283 @@ def status_json(bed, address, host="a", env=None):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
+
+
+DROP = (
+    PRELUDE
+    + """
+import pathlib
+
+control = pathlib.Path(os.environ["MULTIHOST_CONTROL"])
+GO = str(control / "go")
+
+@ray.remote(num_gpus=1)
+def hold(path):
+    # runs until the test has cut host C off (a file on the one real machine), then returns
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+
+def table():
+    return client.sync(client.scheduler.gpuresources_allocations_table, refresh=False)
+
+def holders_on(host_ip, kind):
+    return sorted(
+        h["key"]
+        for addr, w in table().items() if host(addr) == host_ip
+        for d in w["devices"].values() for h in d["holders"] if h["kind"] == kind
+    )
+
+client = connect(2)
+holders = [Holder.remote() for _ in range(2)]  # 3 of 4 GPUs each: one per host
+places = ray.get([h.where.remote() for h in holders], timeout=60)
+on = {host(node): h for h, (node, _) in zip(holders, places)}
+refs = [hold.remote(GO) for _ in range(2)]  # each host's last free GPU
+deadline = time.monotonic() + 60
+while not (holders_on(C, "task") and holders_on(B, "task")):
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"no GPU task running on both hosts: {table()}")
+    time.sleep(0.2)
+before = {"c_actors": holders_on(C, "actor"), "c_tasks": holders_on(C, "task")}
+(control / "ready").write_text(json.dumps(before))
+deadline = time.monotonic() + 60
+while not os.path.exists(GO):
+    if time.monotonic() > deadline:
+        raise TimeoutError("the test never cut host C off")
+    time.sleep(0.05)
+t0 = time.monotonic()
+tasks = ray.get(refs, timeout=90)
+tasks_done = time.monotonic() - t0
+try:
+    ray.get(on[C].ping.remote(), timeout=60)
+    c_actor = "answered"
+except Exception as err:
+    c_actor = type(err).__name__ + ": " + str(err)
+c_actor_done = time.monotonic() - t0
+b_actor = ray.get(on[B].ping.remote(), timeout=30)
+deadline = time.monotonic() + 30
+while any(host(a) == C for a in table()) and time.monotonic() < deadline:
+    time.sleep(0.2)
+# the table comes from heartbeats: the tasks that returned leave it with B's next one
+deadline = time.monotonic() + 10
+while len(holders_on(B, "actor") + holders_on(B, "task")) > 3 and time.monotonic() < deadline:
+    time.sleep(0.2)
+after = {
+    "workers": sorted(table()),
+    "c_actors": holders_on(C, "actor"),
+    "c_tasks": holders_on(C, "task"),
+    "b_holders": holders_on(B, "actor") + holders_on(B, "task"),
+}
+print(json.dumps({
+    "before": before, "after": after, "tasks": tasks, "tasks_done": tasks_done,
+    "c_actor": c_actor, "c_actor_done": c_actor_done, "b_actor": b_actor,
+    "scheduler_workers": sorted(client.scheduler_info(n_workers=-1)["workers"]),
+}))
+ray.shutdown()
+"""
+)
+
+
+@pytest.mark.parametrize("how", ["link-down", "killed"])
+def test_host_c_drops_off(bed, how):
+    # a worker whose link is down is only noticed by its missing heartbeats
+    address = start_cluster(bed, scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s"})
+    control = bed.log_dir / "control"
+    control.mkdir()
+    driver = bed.popen(
+        "a",
+        [sys.executable, "-c", DROP],
+        name="driver",
+        env={"MULTIHOST_ADDRESS": address, "MULTIHOST_CONTROL": str(control)},
+    )
+    ready = wait_for(
+        lambda: (control / "ready").exists() or driver.poll() is not None,
+        timeout=120,
+        what="the driver's tasks and actors on both hosts",
+    )
+    assert ready and driver.poll() is None, bed.log("a-driver")[-4000:]
+    before = json.loads((control / "ready").read_text())
+    assert len(before["c_actors"]) == 3 and len(before["c_tasks"]) == 1, before
+    if how == "link-down":
+        bed.link("c", up=False)
+    else:
+        assert bed.kill_host("c")
+        assert not bed.pids("c")
+    (control / "go").write_text("")
+    driver.wait(180)
+    out = bed.log("a-driver")
+    assert driver.returncode == 0, out[-6000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    after = result["after"]
+    # C is gone from the cluster and from the allocation table: its leases ended
+    assert all(C not in w for w in result["scheduler_workers"]), result
+    assert all(C not in w for w in after["workers"]), result
+    assert after["c_actors"] == [] and after["c_tasks"] == []
+    # the task that ran on C ran again on B, on B's device that its actor leaves free
+    nodes = [node for node, _ in result["tasks"]]
+    assert all(B in node for node in nodes), result["tasks"]
+    assert all(len(ids) == 1 and ids[0] in {0, 1, 2, 3} for _, ids in result["tasks"])
+    # the actor on C is dead, and says so; the one on B still answers
+    assert result["c_actor"].startswith("ActorDiedError"), result["c_actor"]
+    assert result["b_actor"] == "pong"
+    assert len(after["b_holders"]) == 3, after  # B's actor, its 3 devices; the tasks returned
+    # bounded: the worker TTL (5 s), then the rerun
+    assert result["tasks_done"] < 60 and result["c_actor_done"] < 90, result
+
+
+def http_routes() -> list[str]:
+    """The scheduler's HTTP routes: Dask's defaults plus its JSON API (and ours if listed)."""
+    import dask
+    import distributed  # noqa: F401 (loads distributed's config defaults)
+
+    from dask_gpuresources import _http
+
+    routes = list(dask.config.get("distributed.scheduler.http.routes"))
+    routes.append("distributed.http.scheduler.api")
+    if hasattr(_http, "routes"):  # the JSON route as a Dask route module
+        routes.append("dask_gpuresources._http")
+    return routes
+
+
+PAGE_AND_ROUTE = """
+import json, time, urllib.request
+from bokeh.client import pull_session
+
+base = "http://198.51.100.1:8787"
+route = json.loads(urllib.request.urlopen(base + "/api/v1/gpu_allocations", timeout=30).read())
+deadline = time.monotonic() + 60
+while True:  # the page's document, as a browser's session gets it: one bar per device
+    with pull_session(url=base + "/gpu-allocations") as session:
+        bars = session.document.get_model_by_name("gpu-allocations-devices")
+        workers = " ".join(bars.data["worker"])
+    if ("198.51.100.2" in workers and "198.51.100.3" in workers) or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps({"route": route, "page_has": [h for h in ("198.51.100.2", "198.51.100.3")
+                                               if h in workers]}))
+"""
+
+
+def test_cli_cluster_over_three_hosts(bed):
+    def cli(host, *args):
+        env = {"DASK_GPURESOURCES_STATE_DIR": str(bed.log_dir / f"state-{host}")}
+        if host == "a":
+            env["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"] = json.dumps(http_routes())
+        return [sys.executable, "-m", "dask", "gpuresources", *args], env
+
+    argv, env = cli("a", "start", "--head", "--num-gpus=0")
+    head = bed.run("a", argv, timeout=150, env=env)
+    assert head.returncode == 0, head.stdout + head.stderr
+    assert f"Scheduler: {SCHEDULER}" in head.stdout, head.stdout
+    joins = []
+    for host in "bc":
+        argv, env = cli(host, "start", "--address", SCHEDULER, "--num-gpus=4")
+        joins.append(bed.popen(host, argv, name="start", env=env))
+    for host, join in zip("bc", joins, strict=True):
+        join.wait(150)
+        assert join.returncode == 0, bed.log(f"{host}-start")
+    # status asked from B: both GPU hosts, devices 0-3 each, no overlap across hosts
+    argv, env = cli("b", "status", "--address", SCHEDULER, "--json")
+    table = json.loads(bed.run("b", argv, timeout=60, env=env).stdout)
+    gpu_workers = {a: w for a, w in table["workers"].items() if w["gpus"]}
+    assert sorted(a.split("://")[1].rsplit(":", 1)[0] for a in gpu_workers) == [B, C], table
+    for worker in gpu_workers.values():
+        assert sorted(worker["devices"], key=int) == ["0", "1", "2", "3"]
+        assert worker["overlap"] == []
+    assert table["totals"]["gpus"] == 8
+    argv, env = cli("a", "status")
+    text = bed.run("a", argv, timeout=60, env=env).stdout
+    assert f"tcp://{B}:" in text and f"tcp://{C}:" in text and "WARNING" not in text, text
+    # the JSON route and the page on A
+    seen = bed.python("a", PAGE_AND_ROUTE, timeout=120)
+    route_hosts = sorted({a.split("://")[1].rsplit(":", 1)[0] for a in seen["route"]["workers"]})
+    assert B in route_hosts and C in route_hosts, seen["route"]
+    assert seen["page_has"] == [B, C]
+    # stop on each host ends what start started there, and only that
+    for host in "cba":
+        argv, env = cli(host, "stop")
+        assert bed.run(host, argv, timeout=60, env=env).returncode == 0
+        wait_for(lambda h=host: not bed.pids(h), timeout=30, what=f"host {host} stopped")
+        assert all(bed.pids(h) for h in "abc".replace(host, "") if h < host)
+
+
+def make_certificates(folder: Path) -> dict:
+    """A CA and one certificate per host (its address as the subject alternative name)."""
+    x509 = pytest.importorskip("cryptography.x509")
+    import ipaddress
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(text):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def write(path, data):
+        path.write_bytes(data)
+        return str(path)
+
+    def pem_key(key):
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("multihost test CA"))
+        .issuer_name(name("multihost test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = {"ca": write(folder / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))}
+    for host, ip in (("a", A), ("b", B), ("c", C)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(f"host-{host}"))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(f"host-{host}"), x509.IPAddress(ipaddress.ip_address(ip))]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        out[host] = (
+            write(folder / f"{host}.pem", cert.public_bytes(serialization.Encoding.PEM)),
+            write(folder / f"{host}-key.pem", pem_key(key)),
+        )
+    return out
+
+
+def test_the_same_cluster_with_tls_between_hosts(bed):
+    tls = make_certificates(bed.log_dir)
+    address = start_cluster(bed, tls=tls)
+    assert address.startswith("tls://")
+    env = {"MULTIHOST_ADDRESS": address, "MULTIHOST_TLS": json.dumps(tls)}
+    result = bed.python("a", SPREAD, timeout=120, env=env)
+    check_spread(result, protocol="tls")
+    # a client without the certificates is not let in
+    refused = bed.python(
+        "a",
+        "import json\nfrom distributed import Client\ntry:\n"
+        f"    Client({address!r}, timeout=5).close(); print(json.dumps('connected'))\n"
+        "except Exception as err:\n    print(json.dumps(type(err).__name__))",
+        timeout=60,
+    )
+    assert refused != "connected"
