@@ -133,7 +133,7 @@ class ProcessRecord:
     pid: int
     created: float
     kind: str  # "scheduler" or "worker"
-    cluster: str  # the cluster directory's name in the state directory
+    cluster: str  # the cluster directory's name in the state directory ("": none)
     address: str | None = None  # the scheduler's address (the one it joined, for a worker)
     log: str | None = None
     security: dict[str, str] = field(default_factory=dict)  # TLS file paths, for status
@@ -146,7 +146,7 @@ class ProcessRecord:
                 pid=int(data["pid"]),
                 created=float(data["created"]),
                 kind=str(data["kind"]),
-                cluster=str(data["cluster"]),
+                cluster=str(data.get("cluster") or ""),  # "": none (records of 0.1.0)
                 address=data.get("address"),
                 log=data.get("log"),
                 security=dict(data.get("security") or {}),
@@ -155,7 +155,7 @@ class ProcessRecord:
             return None
         if record.pid <= 1 or record.kind not in ("scheduler", "worker"):
             return None
-        if not _plain_name(record.cluster):
+        if record.cluster and not _plain_name(record.cluster):
             return None
         return record
 

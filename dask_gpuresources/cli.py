@@ -475,6 +475,7 @@ def start(
                 )  # fmt: skip
             except BaseException:
                 # Ctrl-C, SIGTERM or a failure: stop what this start launched; no record
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: finish this
                 _stop_processes(launched)
                 _forget(state, launched)
                 raise
@@ -505,6 +506,7 @@ def start(
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: finish stopping
         with _locked(state):
             _stop_processes(launched)
             _forget(state, launched)
