@@ -295,7 +295,8 @@ def _spawn(
     )
 
 
-def _log_tail(state: StateDir, record: ProcessRecord) -> str:
+def _log_tail(state: StateDir, record: ProcessRecord, lines: int = LOG_TAIL) -> str:
+    """The last `lines` of a process's log, indented (all of it for ``lines=0``)."""
     try:
         dfd = os.open(record.cluster, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=state.fd)
         try:
@@ -304,7 +305,7 @@ def _log_tail(state: StateDir, record: ProcessRecord) -> str:
             os.close(dfd)
     except (OSError, StateDirError):
         return ""
-    return "\n".join("    " + line for line in text.splitlines()[-LOG_TAIL:])
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 def _wait_for_scheduler(
@@ -324,7 +325,7 @@ def _wait_for_scheduler(
                 pass  # being written
         if not is_running(record):
             tail = _log_tail(state, record)
-            if "address already in use" in tail.lower():
+            if "address already in use" in _log_tail(state, record, 0).lower():
                 what = _busy_port(host, port)
             else:
                 what = "the scheduler exited during start"

@@ -470,3 +470,34 @@ def test_tls_start_and_status(state_dir, tls_files):
     assert joined.returncode == 0, joined.stderr
     assert "GPUs in the cluster: 3" in joined.stdout
     assert cli("stop", state_dir=state_dir).stdout.count("Stopped") == 3
+
+
+def test_scheduler_failing_on_a_busy_port_is_explained(tmp_path):
+    """A port taken between ``start``'s check and the scheduler's bind: the scheduler exits,
+    and the error names the port, the flag, and shows the end of the scheduler's log."""
+    from click import ClickException
+
+    from dask_gpuresources.cli import _spawn, _wait_for_scheduler
+
+    with StateDir.open(tmp_path / "state") as state, socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        state.make_cluster_dir("head-busy")
+        record = _spawn(
+            state,
+            "head-busy",
+            "scheduler.log",
+            ["scheduler", "--host=127.0.0.1", f"--port={port}", "--dashboard-address=:0"],
+            None,
+            "scheduler",
+            None,
+            {},
+        )
+        with pytest.raises(ClickException) as info:
+            _wait_for_scheduler(state, record, "127.0.0.1", port, timeout=60)
+    message = info.value.message
+    assert f"port {port} on 127.0.0.1 is already in use" in message
+    assert "choose another with --port" in message
+    assert f"the end of its log ({tmp_path / 'state' / 'head-busy' / 'scheduler.log'}):" in message
+    assert "Scheduler failed to start" in message
