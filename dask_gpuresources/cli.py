@@ -480,39 +480,56 @@ def start(
                 _stop_processes(launched)
                 _forget(state, launched)
                 raise
-        where = address.split("://")[-1].rsplit(":", 1)[0]
-        click.echo(f"Scheduler: {address}")
-        if dashboard:
-            click.echo(f"Dashboard: http://{where}:{dashboard}/status")
-        click.echo(f"Workers started: {nworkers}; GPUs in the cluster: {total:g}")
-        click.echo("Connect with:")
-        if files:
-            click.echo(
-                "    from distributed.security import Security; security = Security("
-                f"tls_ca_file={files['ca']!r}, tls_client_cert={files['cert']!r}, "
-                f"tls_client_key={files.get('key')!r}, require_encryption=True)"
-            )
-            click.echo(
-                "    import dask_gpuresources as gr; "
-                f"gr.init(address={address!r}, security=security)"
-            )
-        else:
-            click.echo(f"    import dask_gpuresources as gr; gr.init(address={address!r})")
-        click.echo("Stop with: dask-gpuresources stop")
-        if not block:
-            return
-        click.echo("Running in the foreground; Ctrl-C or SIGTERM stops them.")
-        try:
+        interrupted = False
+        try:  # with --block, a Ctrl-C or SIGTERM from here on stops what was started
+            _echo_started(address, dashboard, nworkers, total, files)
+            if not block:
+                return
+            click.echo("Running in the foreground; Ctrl-C or SIGTERM stops them.")
             while any(is_running(r) for r in launched):
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            pass
+            if not block:
+                raise
+            interrupted = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: finish stopping
         with _locked(state):
+            recorded = {(r.pid, r.created) for r in _records(state)}
+            if not any((r.pid, r.created) in recorded for r in launched):
+                click.echo("Stopped (by dask-gpuresources stop).")
+                return
             _stop_processes(launched)
             _forget(state, launched)
-            for cluster in {r.cluster for r in launched}:
-                state.remove_cluster_dir(cluster)
+            clusters = {r.cluster for r in launched}
+            if interrupted:
+                for cluster in clusters:
+                    state.remove_cluster_dir(cluster)
+        if not interrupted:  # they exited by themselves: keep their logs
+            logs = ", ".join(str(state.path / c) for c in sorted(clusters))
+            raise click.ClickException(f"the cluster's processes exited; their logs: {logs}")
+
+
+def _echo_started(
+    address: str, dashboard: Any, nworkers: int, total: float, files: dict[str, str]
+) -> None:
+    where = address.split("://")[-1].rsplit(":", 1)[0]
+    click.echo(f"Scheduler: {address}")
+    if dashboard:
+        click.echo(f"Dashboard: http://{where}:{dashboard}/status")
+    click.echo(f"Workers started: {nworkers}; GPUs in the cluster: {total:g}")
+    click.echo("Connect with:")
+    if files:
+        click.echo(
+            "    from distributed.security import Security; security = Security("
+            f"tls_ca_file={files['ca']!r}, tls_client_cert={files['cert']!r}, "
+            f"tls_client_key={files.get('key')!r}, require_encryption=True)"
+        )
+        click.echo(
+            f"    import dask_gpuresources as gr; gr.init(address={address!r}, security=security)"
+        )
+    else:
+        click.echo(f"    import dask_gpuresources as gr; gr.init(address={address!r})")
+    click.echo("Stop with: dask-gpuresources stop")
 
 
 def _launch(

@@ -501,3 +501,23 @@ def test_scheduler_failing_on_a_busy_port_is_explained(tmp_path):
     assert "choose another with --port" in message
     assert f"the end of its log ({tmp_path / 'state' / 'head-busy' / 'scheduler.log'}):" in message
     assert "Scheduler failed to start" in message
+
+
+def test_stop_ends_start_block(state_dir):
+    start = popen_cli("start", "--head", "--num-gpus=1", "--block", *FAST, state_dir=state_dir)
+    try:
+        for line in start.stdout:
+            if line.startswith("Running in the foreground"):
+                break
+        else:
+            pytest.fail(start.communicate(timeout=10))
+        stopped = cli("stop", state_dir=state_dir)
+        assert stopped.returncode == 0 and stopped.stdout.count("Stopped") == 2
+        out, err = start.communicate(timeout=60)
+    finally:
+        if start.poll() is None:
+            start.kill()
+            start.communicate()
+    assert start.returncode == 0, err
+    assert "Stopped (by dask-gpuresources stop)." in out
+    assert records(state_dir) == [] and leftovers(state_dir) == []
