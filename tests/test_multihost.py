@@ -392,7 +392,7 @@ def test_cli_cluster_over_three_hosts(bed):
             env["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"] = json.dumps(http_routes())
         return [sys.executable, "-m", "dask", "gpuresources", *args], env
 
-    argv, env = cli("a", "start", "--head", "--num-gpus=0")
+    argv, env = cli("a", "start", "--head", "--num-gpus=0", "--host", A)
     head = bed.run("a", argv, timeout=150, env=env)
     assert head.returncode == 0, head.stdout + head.stderr
     assert f"Scheduler: {SCHEDULER}" in head.stdout, head.stdout
