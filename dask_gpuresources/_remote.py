@@ -60,6 +60,8 @@ def _check_feasible(key: str, opts: _Options) -> None:
         return
     # asked each time a new shape is seen: workers come and go
     workers = _runtime.capacities(runtime)
+    if not workers:
+        return  # no worker yet (a cluster scaling up): judged by the workers that join
     if any(all(caps.get(r, 0.0) >= a for r, a in need.items()) for _, caps in workers):
         runtime.feasible.add(shape)
         return

@@ -206,6 +206,8 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         # actor key -> (worker address, units): GPU actors hold their devices for life
         self._actor_holds: dict[Hashable, tuple[str, int]] = {}
         self._warned_shapes: set[str] = set()
+        self._warned_empty = False
+        self._workers_to_close: Any = None  # the scheduler's own, while ours stands in
         self._overloaded: set[str] = set()
         self._rebalance_soon = False
         self._rebalancer: PeriodicCallback | None = None
@@ -288,6 +290,12 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                     ts = scheduler.tasks.get(key)
                     if ts is not None:
                         stealing.remove_key_from_stealable(ts)
+        # Adaptive scale-down (and retire_workers(n=...)) asks the scheduler which workers
+        # to close: never one that hosts a GPU actor, which would die with it.
+        self._workers_to_close = scheduler.workers_to_close
+        scheduler.workers_to_close = self.workers_to_close
+        if "workers_to_close" in scheduler.handlers:
+            scheduler.handlers["workers_to_close"] = self.workers_to_close
         interval = parse_timedelta(
             _config.get("gpuresources.scheduler.rebalance-interval"), default="ms"
         )
@@ -312,6 +320,12 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         if self._stealing is not None:
             self._stealing.__dict__.pop("put_key_in_stealable", None)
             self._stealing = None
+        if self._workers_to_close is not None:
+            if self.scheduler.__dict__.get("workers_to_close") == self.workers_to_close:
+                del self.scheduler.workers_to_close
+            if self.scheduler.handlers.get("workers_to_close") == self.workers_to_close:
+                self.scheduler.handlers["workers_to_close"] = self._workers_to_close
+            self._workers_to_close = None
         for name in (HANDLER, f"{HANDLER}_table", DEVICES_HANDLER):
             if self.scheduler.handlers.get(name) == getattr(self, _HANDLER_METHODS[name]):
                 del self.scheduler.handlers[name]
@@ -340,6 +354,23 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             self._check_host(self._devices[worker][0])
         else:
             self._record_from_heartbeat(worker, ws)
+
+    def workers_to_close(self, *args: Any, attribute: str = "address", **kwargs: Any) -> list:
+        """Dask's choice of workers to close for scale-down, less those hosting GPU actors.
+
+        Dask does not look at actors there, and an actor dies with its worker; a GPU actor
+        holds its devices for its whole life, as in Ray, so its worker stays.
+        """
+        chosen = self._workers_to_close(*args, attribute=attribute, **kwargs)
+        hosts = {addr for addr, _ in self._actor_holds.values()}
+        if not hosts:
+            return chosen
+        keep = {
+            getattr(self.scheduler.workers[a], attribute)
+            for a in hosts
+            if a in self.scheduler.workers
+        }
+        return [w for w in chosen if w not in keep]
 
     def remove_worker(
         self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any
@@ -572,6 +603,16 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             if largest is None:
                 largest = self._largest_worker()
             if largest[0] >= devices:
+                continue
+            if not scheduler.workers:
+                # A cluster with no worker yet (an adaptive or job-queue cluster scaling up)
+                # cannot judge the request: it waits in no-worker, as any Dask task does.
+                if not self._warned_empty:
+                    self._warned_empty = True
+                    logger.info(
+                        "GPU tasks wait for workers: the cluster has none yet, so their "
+                        "requests are judged by the workers that join"
+                    )
                 continue
             error = InfeasibleRequestError(key, format_amount(amount), *largest)
             if _config.get("gpuresources.infeasible") == "wait":

@@ -38,3 +38,18 @@ def test_docs_build_without_warnings(tmp_path):
     assert "--num-gpus" in cli and "status" in cli  # generated from the click commands
     api = (tmp_path / "api.html").read_text()
     assert "InfeasibleRequestError" in api and "get_gpu_ids" in api
+
+
+def test_every_config_key_is_in_the_configuration_page():
+    from dask_gpuresources import _config
+
+    def keys(tree, prefix):
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                yield from keys(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    page = (DOCS / "configuration.md").read_text()
+    missing = [k for k in keys(_config.defaults(), "") if f"`{k}`" not in page]
+    assert not missing, f"not in docs/configuration.md: {missing}"
