@@ -38,7 +38,8 @@ from distributed.worker_state_machine import (
 from sortedcontainers import SortedList
 
 from . import _dask_internals
-from ._allocator import InvalidRequestError, parse_gpu_amount
+from ._requests import parse_gpu_amount
+from .exceptions import InvalidRequestError
 
 if TYPE_CHECKING:
     from .worker import WorkerDevices

@@ -12,8 +12,7 @@ device slots ``0..n-1`` and what share of each, with exact arithmetic
 
 Contents:
 
-- :func:`parse_gpu_amount`: validate a user's GPU amount and turn it into a ``Fraction``.
-- :func:`format_amount`: compact text for an amount (``"1"``, ``"0.25"``, ``"1/3"``).
+- :func:`parse_gpu_amount`, :func:`format_amount`: from :mod:`._requests`, re-exported.
 - :class:`Lease`: what one holder holds.
 - :class:`DeviceLedger`: the thread-safe ledger itself.
 - :class:`NoFit`: an amount cannot be placed with the devices free right now.
@@ -21,15 +20,17 @@ Contents:
 
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from decimal import Decimal
 from fractions import Fraction
 
-from dask_gpuresources.exceptions import InvalidRequestError
+from ._requests import PRECISION as _PRECISION  # the ledger's unit
+from ._requests import (  # re-exported: the ledger's inputs
+    format_amount,
+    parse_gpu_amount,
+    whole_number,
+)
 
 __all__ = [
     "DeviceLedger",
@@ -39,154 +40,8 @@ __all__ = [
     "parse_gpu_amount",
 ]
 
-# Ray's resource precision: fractional GPU amounts are whole multiples of 1/10000.
-_PRECISION = 10_000
-_MIN_AMOUNT = Fraction(1, _PRECISION)
 _ZERO = Fraction(0)
 _ONE = Fraction(1)
-_DEFAULT_EXAMPLE = "resources={'GPU': 1}"
-
-
-def parse_gpu_amount(value: object) -> Fraction:
-    """Validate a GPU request amount and return it as an exact ``Fraction``.
-
-    Parameters
-    ----------
-    value
-        The amount asked for: an ``int``, ``float``, ``Fraction``, ``Decimal`` or any other
-        :class:`numbers.Real` (NumPy scalars included). Fractional amounts are rounded to
-        the nearest multiple of Ray's precision, 0.0001: ``0.1`` is exactly ``1/10`` (ten of
-        them make exactly one GPU), ``1/3`` and ``0.33334`` both become ``0.3333``. The
-        range checks apply to the value as given, before any rounding.
-
-    Returns
-    -------
-    Fraction
-        Zero, a multiple of 0.0001 in ``[0.0001, 1]``, or a whole number above 1.
-
-    Raises
-    ------
-    InvalidRequestError
-        For a ``bool``, a non-number, NaN or infinity, a negative amount, an amount between 0
-        and 0.0001, or an amount above 1 that is not a whole number.
-
-    Examples
-    --------
-    >>> parse_gpu_amount(2)
-    Fraction(2, 1)
-    >>> parse_gpu_amount(0.1)
-    Fraction(1, 10)
-    >>> parse_gpu_amount(1 / 3)
-    Fraction(3333, 10000)
-    >>> parse_gpu_amount(Fraction(1, 3)) == parse_gpu_amount(0.33334) == Fraction(3333, 10000)
-    True
-    >>> parse_gpu_amount(1.5)
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: a GPU request above 1 must be a whole number, got 1.5; use resources={'GPU': 1} or resources={'GPU': 2}
-    >>> parse_gpu_amount(-1)
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be zero or more, got -1; use resources={'GPU': 1}
-    >>> parse_gpu_amount("0.5")
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be a number, got '0.5'; use resources={'GPU': 0.5}
-    >>> parse_gpu_amount(True)
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be a number, got True; use resources={'GPU': 1}
-    >>> parse_gpu_amount(float("nan"))
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: a GPU request must be a finite number, got nan; use resources={'GPU': 1}
-    >>> parse_gpu_amount(0.00001)
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: GPU requests below 0.0001 are not supported, got 1e-05; use resources={'GPU': 0.0001}
-    """  # noqa: E501
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
-        raise InvalidRequestError(value, "a GPU request must be a number", _number_example(value))
-    if isinstance(value, Decimal):
-        finite = value.is_finite()
-    elif isinstance(value, numbers.Rational):
-        finite = True
-    else:
-        finite = math.isfinite(value)
-    if not finite:
-        raise InvalidRequestError(value, "a GPU request must be a finite number", _DEFAULT_EXAMPLE)
-    if isinstance(value, numbers.Rational):
-        # int() strips NumPy integer types, which would otherwise live on inside the Fraction.
-        exact = Fraction(int(value.numerator), int(value.denominator))
-    elif isinstance(value, (float, Decimal)):
-        exact = Fraction(value)
-    else:
-        # Other reals (e.g. numpy.float32), which Fraction() does not take directly.
-        exact = Fraction(float(value))
-    if exact < 0:
-        raise InvalidRequestError(value, "a GPU request must be zero or more", _DEFAULT_EXAMPLE)
-    if 0 < exact < _MIN_AMOUNT:
-        raise InvalidRequestError(
-            value, "GPU requests below 0.0001 are not supported", "resources={'GPU': 0.0001}"
-        )
-    if exact > 1 and exact.denominator != 1:
-        low, high = math.floor(exact), math.ceil(exact)
-        raise InvalidRequestError(
-            value,
-            "a GPU request above 1 must be a whole number",
-            f"resources={{'GPU': {low}}} or resources={{'GPU': {high}}}",
-        )
-    if exact.denominator == 1:
-        return exact
-    # One representation end to end: every fractional amount is a whole number of 1/10000
-    # units (Ray's precision), rounded to the nearest unit, so that the ledger, the
-    # scheduler's integer load and anything derived from them always agree. 0.1 is exactly
-    # 1/10 (not the float nearest it), 1/3 and 0.33334 both become 0.3333, and three of
-    # them fit on one device.
-    units = round(exact * _PRECISION)
-    return Fraction(units, _PRECISION)
-
-
-def _number_example(value: object) -> str:
-    """A corrected call for a non-number: the number a bool or numeric string means, else 1."""
-    if isinstance(value, bool):
-        return f"resources={{'GPU': {int(value)}}}"
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return _DEFAULT_EXAMPLE
-        if math.isfinite(number) and number >= 0:
-            text = str(int(number)) if number.is_integer() else repr(number)
-            return f"resources={{'GPU': {text}}}"
-    return _DEFAULT_EXAMPLE
-
-
-def format_amount(amount: Fraction | int) -> str:
-    """Compact text for a GPU amount, for messages and metrics.
-
-    Whole amounts print as integers, amounts exact to four decimals as decimals, anything
-    else as ``p/q``.
-
-    Examples
-    --------
-    >>> format_amount(Fraction(2))
-    '2'
-    >>> format_amount(Fraction(1, 4))
-    '0.25'
-    >>> format_amount(Fraction(3, 2))
-    '1.5'
-    >>> format_amount(Fraction(1, 3))
-    '1/3'
-    >>> format_amount(Fraction(1, 10_000))
-    '0.0001'
-    """
-    amount = Fraction(amount)
-    if amount.denominator == 1:
-        return str(amount.numerator)
-    if _PRECISION % amount.denominator == 0:
-        return f"{float(amount):.4f}".rstrip("0")
-    return f"{amount.numerator}/{amount.denominator}"
 
 
 @dataclass(frozen=True)
@@ -274,17 +129,18 @@ def _place(used: list, amount: Fraction, limit: int) -> tuple[int, ...] | None:
 
 
 def _check_count(n_devices: object, call: str) -> int:
-    if isinstance(n_devices, bool) or not isinstance(n_devices, numbers.Integral):
-        whole = isinstance(n_devices, float) and n_devices.is_integer() and n_devices >= 0
-        example = f"{call}({int(n_devices)})" if whole else f"{call}(2)"
+    if whole_number(n_devices, minimum=None) is None:
+        whole = whole_number(n_devices, whole_floats=True)
+        example = f"{call}({whole})" if whole is not None else f"{call}(2)"
         raise ValueError(
             f"the number of devices must be a whole number, got {n_devices!r}; use {example}"
         )
-    if n_devices < 0:
+    count = whole_number(n_devices)
+    if count is None:
         raise ValueError(
             f"the number of devices must be zero or more, got {n_devices!r}; use {call}(0)"
         )
-    return int(n_devices)
+    return count
 
 
 def _as_amount(amount: object) -> Fraction:

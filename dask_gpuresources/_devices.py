@@ -18,11 +18,13 @@ Everything here is pure and uses the standard library only.
 from __future__ import annotations
 
 import itertools
-import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 
 from dask_gpuresources.exceptions import DeviceCountError
+
+from ._requests import neighbours, whole_number
 
 __all__ = [
     "device_tokens",
@@ -205,8 +207,11 @@ def device_tokens(count: int | float, visible: list[str] | None) -> list[str]:
 
 
 def _whole_count(count: int | float) -> int:
-    # bool is an int subclass; GPU=True is a mistake, not a count of one.
-    if isinstance(count, bool) or not isinstance(count, (int, float)):
+    # Dask parses --resources GPU=2 as 2.0; GPU=True is a mistake, not a count of one.
+    whole = whole_number(count, whole_floats=True)
+    if whole is not None:
+        return whole
+    if isinstance(count, bool) or not isinstance(count, numbers.Real):
         raise DeviceCountError(
             f"GPU count must be a whole number, got GPU={count!r}; declare e.g. GPU=2"
         )
@@ -215,16 +220,13 @@ def _whole_count(count: int | float) -> int:
             f"GPU count must not be negative, got GPU={count:g}; declare GPU=0 or more "
             "(dask worker ... --resources GPU=2)"
         )
-    if isinstance(count, float) and not count.is_integer():
-        if not math.isfinite(count):
-            raise DeviceCountError(
-                f"GPU count must be a whole number, got GPU={count}; declare e.g. GPU=2"
-            )
-        low = int(count)
+    near = neighbours(count)
+    if near is not None:
         raise DeviceCountError(
-            f"GPU count must be a whole number, got GPU={count}; declare GPU={low} or GPU={low + 1}"
+            f"GPU count must be a whole number, got GPU={count}; "
+            f"declare GPU={near[0]} or GPU={near[1]}"
         )
-    return int(count)
+    raise DeviceCountError(f"GPU count must be a whole number, got GPU={count}; declare e.g. GPU=2")
 
 
 def physical_ids(tokens: Sequence[str], uuid_index: Mapping[str, int] | None = None) -> list[int]:

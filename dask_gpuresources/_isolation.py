@@ -43,15 +43,9 @@ from typing import Any
 
 from . import _wire
 from ._context import TaskContext
-from .exceptions import InvalidRequestError, IsolatedTaskError
+from .exceptions import IsolatedTaskError
 
-__all__ = [
-    "EXECUTOR_NAME",
-    "IsolatedExecutor",
-    "IsolatedRun",
-    "check_annotations",
-    "parse_max_calls",
-]
+__all__ = ["EXECUTOR_NAME", "IsolatedExecutor", "IsolatedRun"]
 
 logger = logging.getLogger("distributed.gpuresources")
 
@@ -59,50 +53,6 @@ logger = logging.getLogger("distributed.gpuresources")
 EXECUTOR_NAME = "gpuresources"
 #: an isolated actor's reply larger than this is unpickled on a thread, off the event loop
 OFF_LOOP_BYTES = 1 << 20
-
-ISOLATION_MODES = ("thread", "process")
-
-
-def parse_max_calls(value: Any) -> int:
-    """Validate a ``max_calls`` value: a whole number >= 0.
-
-    >>> parse_max_calls(1)
-    1
-    >>> parse_max_calls(-1)
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: max_calls must be a whole number >= 0 \
-(0: never recycle), got -1; use dask.annotate(max_calls=1)
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(
-            value,
-            "max_calls must be a whole number >= 0 (0: never recycle)",
-            "dask.annotate(max_calls=1)",
-        )
-    return value
-
-
-def check_annotations(annotations: dict | None) -> None:
-    """Raise :class:`InvalidRequestError` for a bad ``isolation`` or ``max_calls`` annotation.
-
-    >>> check_annotations({"isolation": "process", "max_calls": 1})
-    >>> check_annotations({"isolation": "proc"})
-    Traceback (most recent call last):
-    ...
-    dask_gpuresources.exceptions.InvalidRequestError: isolation must be 'thread' or \
-'process', got 'proc'; use dask.annotate(isolation='process')
-    """
-    if not annotations:
-        return
-    mode = annotations.get("isolation")
-    if mode is not None and mode not in ISOLATION_MODES:
-        raise InvalidRequestError(
-            mode, "isolation must be 'thread' or 'process'", "dask.annotate(isolation='process')"
-        )
-    if annotations.get("max_calls") is not None:
-        parse_max_calls(annotations["max_calls"])
-
 
 # -- the worker side ------------------------------------------------------------------------
 

@@ -13,8 +13,6 @@ import collections
 import contextlib
 import json
 import logging
-import math
-import numbers
 import os
 import subprocess
 import sys
@@ -26,6 +24,8 @@ import psutil
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
 from distributed.deploy.subprocess import SubprocessWorker
+
+from ._requests import neighbours, whole_number
 
 __all__ = ["START_TIMEOUT", "start", "wait_for_workers"]
 
@@ -43,14 +43,16 @@ def start(
 
 
 def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-        raise ValueError(f"{name} must be a whole number >= 0, got {value!r}; use {name}=4")
-    if value != int(value):
+    whole = whole_number(value, whole_floats=True)
+    if whole is not None:
+        return whole
+    near = neighbours(value)
+    if near is not None and near[0] >= 0:
         raise ValueError(
             f"{name} must be a whole number (a machine has whole devices), got {value!r}; "
-            f"use {name}={math.floor(value)} or {name}={math.ceil(value)}"
+            f"use {name}={near[0]} or {name}={near[1]}"
         )
-    return int(value)
+    raise ValueError(f"{name} must be a whole number >= 0, got {value!r}; use {name}=4")
 
 
 def _detected_gpus() -> int:

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import itertools
 import math
-import numbers
 import threading
 import uuid
 from collections.abc import Callable
@@ -26,10 +25,9 @@ from distributed import Future
 from distributed.worker import thread_state
 
 from . import _config, _dask_internals, _runtime
-from ._allocator import parse_gpu_amount
-from ._isolation import ISOLATION_MODES, parse_max_calls
 from ._refs import Failed, ObjectRef, dumps, has_refs, original_error, unwrap, values_of
-from .exceptions import ActorDiedError, InfeasibleRequestError, InvalidRequestError
+from ._requests import check_facade_options
+from .exceptions import ActorDiedError, InfeasibleRequestError
 
 __all__ = ["ActorClass", "ActorHandle", "RemoteFunction", "kill", "remote"]
 
@@ -81,7 +79,7 @@ def _number(value: float) -> int | float:
 
 
 def _format(amount: Any) -> str:
-    from ._allocator import format_amount
+    from ._requests import format_amount
 
     return format_amount(amount)
 
@@ -138,41 +136,15 @@ def _options(base: _Options | None, kwargs: dict, example: str) -> _Options:
     opts = replace(base or _Options(), **kwargs)
     if opts.num_gpus is None:
         opts = replace(opts, num_gpus=0)
-    try:
-        amount = parse_gpu_amount(opts.num_gpus)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(
-            opts.num_gpus, f"num_gpus: {e.reason}", example.replace("num_gpus=1", "num_gpus=1")
-        ) from None
-    if opts.num_cpus is not None and (
-        isinstance(opts.num_cpus, bool)
-        or not isinstance(opts.num_cpus, numbers.Real)
-        or opts.num_cpus < 0
-    ):
-        raise InvalidRequestError(opts.num_cpus, "num_cpus must be a number >= 0", "num_cpus=1")
-    if not isinstance(opts.resources, dict) or {"GPU", "CPU", "gpu", "cpu"} & set(opts.resources):
-        raise InvalidRequestError(
-            opts.resources,
-            "resources= is for custom resources; GPUs and CPUs are asked with num_gpus and "
-            "num_cpus",
-            "@remote(num_gpus=1, resources={'special_hardware': 1})",
-        )
-    if opts.isolation is not None and opts.isolation not in ISOLATION_MODES:
-        raise InvalidRequestError(
-            opts.isolation, "isolation must be 'thread' or 'process'", "isolation='process'"
-        )
-    if opts.max_calls is not None:
-        parse_max_calls(opts.max_calls)
-    if opts.max_retries is not None and (
-        isinstance(opts.max_retries, bool)
-        or not isinstance(opts.max_retries, int)
-        or opts.max_retries < 0
-    ):
-        raise InvalidRequestError(
-            opts.max_retries, "max_retries must be an int >= 0", "max_retries=3"
-        )
-    # store the exact amount Dask will see: whole numbers as int, fractions as float
-    num = int(amount) if amount == int(amount) else float(amount)
+    num = check_facade_options(
+        opts.num_gpus,
+        num_cpus=opts.num_cpus,
+        resources=opts.resources,
+        isolation=opts.isolation,
+        max_calls=opts.max_calls,
+        max_retries=opts.max_retries,
+        example=example,
+    )
     return replace(opts, num_gpus=num)
 
 

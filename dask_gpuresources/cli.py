@@ -32,6 +32,7 @@ from typing import Any
 
 import click
 
+from ._requests import whole_number
 from ._statedir import (
     ProcessIdentityError,
     ProcessRecord,
@@ -81,15 +82,15 @@ def _gpu_count(value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        number = float(value)
-    except ValueError:
+        number = whole_number(float(value), whole_floats=True)
+    except ValueError:  # not a number at all
         number = None
-    if number is None or number < 0 or number != int(number):
+    if number is None:
         raise click.BadParameter(
             f"must be a whole number of GPUs >= 0, got {value!r}; use --num-gpus=4",
             param_hint="--num-gpus",
         )
-    return int(number)
+    return number
 
 
 # security ----------------------------------------------------------------------------------

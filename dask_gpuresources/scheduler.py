@@ -23,12 +23,10 @@ or by :func:`dask_gpuresources.install`. It
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import sys
 from collections.abc import Hashable, Mapping, Sequence
-from fractions import Fraction
 from typing import Any, NamedTuple
 
 from dask.utils import parse_timedelta
@@ -38,8 +36,7 @@ from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
 
 from . import _config  # _config.get: reads with the yaml's defaults as fallback
-from ._allocator import format_amount, parse_gpu_amount
-from ._isolation import check_annotations
+from ._requests import check_annotations, format_amount, gpu_request
 from .exceptions import InfeasibleRequestError, InvalidRequestError
 from .worker import GPU, PLUGIN_NAME, GPUWorkerPlugin
 
@@ -59,12 +56,6 @@ OVERLAP_POLICIES = ("warn", "raise", "ignore")
 # GPU load is summed in integer units of 1/10000 device (Ray's precision), so that
 # thousands of fractional tasks entering and leaving processing never drift.
 _UNITS = 10_000
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse_cached(value: Any) -> tuple[Fraction, int]:
-    amount = parse_gpu_amount(value)
-    return amount, math.ceil(amount)
 
 
 class Overlap(NamedTuple):
@@ -161,15 +152,6 @@ _OVERLAP_FIX = (
     "...`, or start the workers with dask_gpuresources.init(num_gpus=...) or "
     "`dask gpuresources start --nworkers N`, which split the devices among them"
 )
-
-
-def _parse(value: Any) -> tuple[Fraction, int]:
-    """The exact amount ``value`` asks for, and how many devices it needs."""
-    try:
-        return _parse_cached(value)
-    except TypeError:  # unhashable: let parse_gpu_amount say what is wrong with it
-        amount = parse_gpu_amount(value)
-        return amount, math.ceil(amount)
 
 
 _HANDLER_METHODS = {
@@ -589,7 +571,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 restrictions[GPU] = restrictions.pop("gpu")
                 ts.resource_restrictions = restrictions
             try:
-                amount, devices = _parse(restrictions[GPU])
+                amount, devices = gpu_request(restrictions[GPU])
             except InvalidRequestError as e:
                 self._reject(ts, e)
                 continue

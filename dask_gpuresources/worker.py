@@ -31,8 +31,9 @@ from ._admission import GPU, ConstrainedIndex, DevicesFreed, admission_class, gp
 from ._allocator import DeviceLedger
 from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
-from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun, parse_max_calls
+from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun
 from ._nvml import NVMLBackend, default_backend, detect
+from ._requests import parse_max_calls
 from .exceptions import DeviceCountError, NoLeaseError
 
 __all__ = [

@@ -323,3 +323,26 @@ def test_format_visible_devices():
     assert format_visible_devices(["2", GPU_A, MIG_A]) == f"2,{GPU_A},{MIG_A}"
     assert format_visible_devices([]) == ""
     assert parse_visible_devices(format_visible_devices([])) == []
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (float("nan"), "num_gpus must be a whole number >= 0, got nan; use num_gpus=4"),
+        (float("inf"), "num_gpus must be a whole number >= 0, got inf; use num_gpus=4"),
+        (
+            1.5,
+            "num_gpus must be a whole number (a machine has whole devices), got 1.5; use "
+            "num_gpus=1 or num_gpus=2",
+        ),
+        (True, "num_gpus must be a whole number >= 0, got True; use num_gpus=4"),
+    ],
+)
+def test_init_counts_that_are_not_whole_raise_before_anything_starts(value, message):
+    # one validator for counts: NaN and infinity once crashed with "cannot convert"
+    import dask_gpuresources as gr
+
+    with pytest.raises(ValueError) as info:
+        gr.init(num_gpus=value, dashboard=False)
+    assert str(info.value) == message
+    assert not gr.is_initialized()
