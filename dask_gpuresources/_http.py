@@ -1,11 +1,11 @@
 """The scheduler's HTTP side: ``/api/v1/gpu_allocations`` and Prometheus gauges.
 
-- ``GET /api/v1/gpu_allocations`` returns the allocation table as JSON (workers are asked
-  now): ``{"workers": {addr: {"gpus", "executing", "overlap", "refused", "devices": {id:
-  {"holders": [{"key", "kind", "amount"}], "shared_with", ...}}}}}``; ``overlap`` names the
+- ``GET /api/v1/gpu_allocations`` returns the allocation table as JSON, from the workers'
+  heartbeats (``?refresh=1`` asks them now, rate-limited): ``{"workers": {addr: {"gpus",
+  "executing", "overlap", "refused", "devices": {id: {"holders": [{"key", "kind",
+  "amount"}], "shared_with", ...}}}}}``; ``overlap`` names the
   other workers of the host that hand out the same physical devices. Like Dask's own
-  ``/api/v1`` routes it is off unless turned on (:func:`json_route_enabled`), and requests
-  arriving together share one round of questions to the workers.
+  ``/api/v1`` routes it is off unless turned on (:func:`json_route_enabled`).
 - Gauges named ``dask_gpuresources_*`` join the scheduler's ``/metrics`` (the process-wide
   ``prometheus_client`` registry that Dask serves), labelled by ``worker`` and ``device``, read
   from the workers' last heartbeats. ``prometheus_client`` stays optional: without it Dask's
@@ -85,12 +85,22 @@ def bokeh_pages(scheduler: Any) -> Any:
     return next((a for a in apps if "BokehTornado" in type(a).__name__), None)
 
 
+#: ``?refresh=1`` asks the workers at most this often; requests in between get that answer
+REFRESH_INTERVAL = 1.0
+
+
 class AllocationsHandler(RequestHandler):
-    """``GET /api/v1/gpu_allocations``."""
+    """``GET /api/v1/gpu_allocations``: from the workers' last heartbeats; ``?refresh=1``
+    asks them now, at most once per :data:`REFRESH_INTERVAL` (requests in between, and those
+    arriving while the workers are asked, share one answer)."""
 
     async def get(self) -> None:
         plugin = self.extra["plugin"]
-        table = await plugin.table_handler(refresh=True)
+        refresh = self.get_argument("refresh", "0").lower() in ("1", "true", "yes")
+        if refresh:
+            table = await plugin.table_handler(refresh=True, max_age=REFRESH_INTERVAL)
+        else:
+            table = plugin.table()
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps({"scheduler": plugin.scheduler.address, "workers": table}))
 

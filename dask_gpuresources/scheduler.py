@@ -26,6 +26,7 @@ import asyncio
 import logging
 import math
 import sys
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -206,6 +207,7 @@ class GPUSchedulerPlugin(SchedulerPlugin):
         self._refused: dict[str, float] = {}
         # the round of questions to the workers under way (table refreshes share it)
         self._refreshing: asyncio.Future | None = None
+        self._refreshed_at = 0.0
 
     def __getstate__(self) -> dict:
         return {"worker_plugin": self.worker_plugin}
@@ -832,17 +834,23 @@ class GPUSchedulerPlugin(SchedulerPlugin):
                 out[addr] = snap
         return out
 
-    async def _snapshots(self, refresh: bool) -> dict[str, dict]:
+    async def _snapshots(self, refresh: bool, max_age: float = 0.0) -> dict[str, dict]:
         """Worker snapshots: asked now with ``refresh`` (heartbeat ones where a worker
         does not answer), else from the heartbeats.
 
         Callers that ask while a round of questions is under way share it: a hundred
         dashboard or ``status`` requests at once cost the workers one message each, not a
-        hundred.
+        hundred. With ``max_age``, an answer younger than that many seconds is reused.
         """
         out = self._heartbeat_snapshots()
         if refresh and self.scheduler.workers:
-            if self._refreshing is None or self._refreshing.done():
+            fresh_enough = (
+                self._refreshing is not None
+                and self._refreshing.done()
+                and time.monotonic() - self._refreshed_at < max_age
+            )
+            if not fresh_enough and (self._refreshing is None or self._refreshing.done()):
+                self._refreshed_at = time.monotonic()
                 self._refreshing = asyncio.ensure_future(
                     self.scheduler.broadcast(
                         msg={"op": PLUGIN_NAME},
@@ -906,9 +914,10 @@ class GPUSchedulerPlugin(SchedulerPlugin):
             }
         return out
 
-    async def table_handler(self, refresh: bool = True) -> dict:
-        """:meth:`table`, with the workers asked now (``refresh``) or from heartbeats."""
-        return self.table(await self._snapshots(refresh))
+    async def table_handler(self, refresh: bool = True, max_age: float = 0.0) -> dict:
+        """:meth:`table`, with the workers asked now (``refresh``; an answer younger than
+        ``max_age`` seconds is reused) or from heartbeats."""
+        return self.table(await self._snapshots(refresh, max_age))
 
     async def allocations_handler(self, refresh: bool = True) -> dict:
         """``{worker: {device id: {holder key: share}}}`` for every worker with devices.

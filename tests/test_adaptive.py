@@ -4,6 +4,7 @@ workers that join, and scale-down never closes a worker that hosts a GPU actor."
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from distributed import Worker
@@ -53,3 +54,42 @@ async def test_scale_down_keeps_the_workers_of_gpu_actors(c, s, a, b, w3):
     await c.retire_workers(n=3)  # the scheduler chooses: all it may
     await async_poll_for(lambda: set(s.workers) == {host.address}, TIMEOUT)
     assert await actor.ping()
+
+
+def test_an_adaptive_local_cluster_scales_from_zero_and_keeps_its_actor():
+    from distributed import Client, LocalCluster
+
+    def workers_become(cluster, n):
+        deadline = time.monotonic() + TIMEOUT
+        while len(cluster.scheduler.workers) != n:
+            assert time.monotonic() < deadline, f"adaptive never reached {n} workers"
+            time.sleep(0.05)
+
+    with (
+        LocalCluster(
+            n_workers=0,
+            threads_per_worker=1,
+            processes=False,
+            resources={"GPU": 1},
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        gr.install(client)
+        adapt = {"interval": "100ms", "wait_count": 2}
+        cluster.adapt(minimum=0, maximum=2, **adapt)
+        # submitted with no worker up: the cluster scales up for it instead of failing it
+        task = client.submit(ids, resources={"GPU": 1}, pure=False)
+        assert task.result(timeout=TIMEOUT) == [0]
+        actor = client.submit(Holder, actor=True, resources={"GPU": 1}).result(timeout=TIMEOUT)
+        assert actor.ping().result(timeout=TIMEOUT)
+        cluster.adapt(minimum=2, maximum=2, **adapt)
+        workers_become(cluster, 2)
+        # idle again, down to zero allowed: scale-down closes every worker but the actor's
+        cluster.adapt(minimum=0, maximum=2, **adapt)
+        workers_become(cluster, 1)
+        (remaining,) = cluster.scheduler.workers.values()
+        assert remaining.actors
+        assert actor.ping().result(timeout=TIMEOUT)
+        time.sleep(1)  # ten more adaptive rounds: the actor's worker stays
+        assert len(cluster.scheduler.workers) == 1 and actor.ping().result(timeout=TIMEOUT)

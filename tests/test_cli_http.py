@@ -112,16 +112,21 @@ class Holder:
 
 def test_json_route_and_metrics_over_http():
     pytest.importorskip("prometheus_client")
-    with dask.config.set({"gpuresources.scheduler.http.api": True}), SpecCluster(
-        workers={"w": {"cls": Worker, "options": {"nthreads": 2, "resources": {"GPU": 2}}}},
-        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "port": 0}},
-    ) as cluster:
+    with (
+        dask.config.set({"gpuresources.scheduler.http.api": True}),
+        SpecCluster(
+            workers={"w": {"cls": Worker, "options": {"nthreads": 2, "resources": {"GPU": 2}}}},
+            scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "port": 0}},
+        ) as cluster,
+    ):
         info = gr.init(address=cluster.scheduler_address)
         try:
             base = info.dashboard_url.rsplit("/status", 1)[0]
             actor = gr.remote(num_gpus=1, isolation="thread")(Holder).remote()
             gr.get(actor.ids.remote())
-            doc = json.loads(urllib.request.urlopen(base + "/api/v1/gpu_allocations").read())
+            doc = json.loads(
+                urllib.request.urlopen(base + "/api/v1/gpu_allocations?refresh=1").read()
+            )
             (worker,) = doc["workers"].values()
             (holder,) = worker["devices"]["0"]["holders"]
             assert holder["kind"] == "actor" and holder["amount"] == 1.0

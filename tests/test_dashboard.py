@@ -396,14 +396,23 @@ async def test_close_undoes_the_route_the_page_and_the_gauges(c, s, a):
     assert env.filters["title"] is jinja_title
     for name in ("gpuresources_allocations", "gpuresources_table"):
         assert name not in s.handlers or s.handlers[name] != getattr(plugin, name, None)
+    assert "valid_workers" not in s.__dict__ and "workers_to_close" not in s.__dict__
 
-
-@gen_cluster(client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})] * 2)
-async def test_table_requests_at_once_share_one_question_to_each_worker(c, s, a, b):
+    # and started again in the same process: everything is back, once
+    await c.unregister_scheduler_plugin("gpuresources")
     await gr.install(c)
-    plugin = s.plugins["gpuresources"]
+    assert (await _get(base + "/api/v1/gpu_allocations"))[0] == 200
+    assert (await _get(base + "/gpu-allocations"))[0] == 200
+    status = (await _get(base + "/status"))[1]
+    assert status.count('<a href="gpu-allocations">GPU allocations</a>') == 1
+    assert generate_latest(REGISTRY).count(b"# TYPE dask_gpuresources_worker_gpus gauge") == 1
+    task = c.submit(gr.get_gpu_ids, resources={"GPU": 1}, pure=False)
+    assert await task == [0]
+
+
+def _count_questions(*workers):
     asked = []
-    for w in (a, b):
+    for w in workers:
         handler = w.handlers["gpuresources"]
 
         def counting(*args, _handler=handler, _w=w, **kwargs):
@@ -411,6 +420,34 @@ async def test_table_requests_at_once_share_one_question_to_each_worker(c, s, a,
             return _handler(*args, **kwargs)
 
         w.handlers["gpuresources"] = counting
+    return asked
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})] * 2,
+    scheduler_kwargs=DASHBOARD,
+    config={"gpuresources.scheduler.http.api": True},
+)
+async def test_json_route_answers_from_heartbeats_and_rate_limits_refresh(c, s, a, b):
+    await gr.install(c)
+    asked = _count_questions(a, b)
+    url = f"http://127.0.0.1:{s.http_server.port}/api/v1/gpu_allocations"
+    for _ in range(5):
+        code, body = await _get(url)
+        assert code == 200 and set(json.loads(body)["workers"]) == {a.address, b.address}
+    assert asked == []  # from the heartbeats: the workers are not asked
+    await asyncio.gather(*(_get(url + "?refresh=1") for _ in range(10)))
+    assert sorted(asked) == sorted([a.address, b.address])
+    await _get(url + "?refresh=1")  # within a second of the last: the same answer
+    assert len(asked) == 2
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})] * 2)
+async def test_table_requests_at_once_share_one_question_to_each_worker(c, s, a, b):
+    await gr.install(c)
+    plugin = s.plugins["gpuresources"]
+    asked = _count_questions(a, b)
     tables = await asyncio.gather(*(plugin.table_handler(refresh=True) for _ in range(50)))
     assert all(t.keys() == {a.address, b.address} for t in tables)
     assert sorted(asked) == sorted([a.address, b.address])
