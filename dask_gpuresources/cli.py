@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import os
 import secrets
@@ -241,6 +242,60 @@ def _check_listen(host: str, port: int) -> None:
             ) from None
 
 
+def _check_protocol(protocol: str | None, files: dict[str, str]) -> None:
+    if protocol == "tls" and not files:
+        raise click.BadParameter(
+            "tls needs certificates: add --tls-ca-file, --tls-cert and --tls-key",
+            param_hint="--protocol",
+        )
+    if protocol == "tcp" and files:
+        raise click.BadParameter(
+            "the --tls-* files make the cluster speak TLS; drop --protocol=tcp (or the files)",
+            param_hint="--protocol",
+        )
+
+
+def _interface_address(interface: str) -> str:
+    """The IPv4 address (else IPv6) of network interface ``interface``, as Dask's
+    ``--interface`` chooses it."""
+    import psutil
+
+    addresses = psutil.net_if_addrs()
+    if interface not in addresses:
+        raise click.BadParameter(
+            f"no network interface {interface!r} here; this machine has "
+            f"{', '.join(sorted(addresses))}",
+            param_hint="--interface",
+        )
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for snic in addresses[interface]:
+            if snic.family == family:
+                return snic.address.split("%")[0]
+    raise click.BadParameter(
+        f"network interface {interface!r} has no IP address", param_hint="--interface"
+    )
+
+
+def _echo_reach(host: str, address: str, files: dict[str, str]) -> None:
+    """One line when the scheduler can be reached from other hosts."""
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    if loopback:
+        return
+    if files:
+        click.echo(
+            f"Reachable from other hosts at {address}: only clients and workers with "
+            "certificates from your CA get in (TLS)."
+        )
+    else:
+        click.echo(
+            f"Reachable from other hosts at {address}, without TLS: anyone who can reach it "
+            "can run code as you; use --tls-ca-file/--tls-cert/--tls-key, or --host=127.0.0.1."
+        )
+
+
 def _busy_port(host: str, port: int | str) -> str:
     return (
         f"port {port} on {host} is already in use (another scheduler?); choose another with "
@@ -408,6 +463,17 @@ def main() -> None:
     "addresses lets workers on other hosts join. With --address: the worker's interface.",
 )
 @click.option(
+    "--interface",
+    default=None,
+    help="Listen on this network interface's address (e.g. eth0, ib0) instead of --host.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["tcp", "tls"]),
+    default=None,
+    help="Scheduler protocol; default tls with the --tls-* files, else tcp.",
+)
+@click.option(
     "--port", type=int, default=8786, show_default=True, help="Scheduler port; 0: any free one."
 )
 @click.option(
@@ -431,6 +497,8 @@ def start(
     address: str | None,
     num_gpus: str | None,
     host: str | None,
+    interface: str | None,
+    protocol: str | None,
     port: int,
     dashboard_address: str,
     nworkers: int,
@@ -453,6 +521,13 @@ def start(
         )
     per, tokens = _split_gpus(gpus, nworkers)
     files = _tls_files(tls_ca_file, tls_cert, tls_key)
+    _check_protocol(protocol, files)
+    if interface is not None:
+        if host is not None:
+            raise click.UsageError(
+                "give --host or --interface, not both; e.g. --interface=eth0 or --host=10.0.0.5"
+            )
+        host = _interface_address(interface)
     if head:
         host = host or "127.0.0.1"
         _check_listen(host, port)
@@ -484,6 +559,8 @@ def start(
         interrupted = False
         try:  # with --block, a Ctrl-C or SIGTERM from here on stops what was started
             _echo_started(address, dashboard, nworkers, total, files)
+            if head:
+                _echo_reach(host, address, files)
             if not block:
                 return
             click.echo("Running in the foreground; Ctrl-C or SIGTERM stops them.")

@@ -251,6 +251,9 @@ def test_stop_does_not_signal_a_reused_pid(state_dir):
         (["--host=tcp://127.0.0.1"], "is not a host name or address; use --host=127.0.0.1"),
         (["--host=203.0.113.9"], "'203.0.113.9' is not an address of this machine"),
         (["--port=70000"], "70000 is not a port; use --port=8786"),
+        (["--protocol=tls"], "tls needs certificates: add --tls-ca-file"),
+        (["--interface=no-such-nic0"], "no network interface 'no-such-nic0' here"),
+        (["--interface=lo", "--host=127.0.0.1"], "give --host or --interface, not both"),
         (["--tls-cert=/etc/hostname"], "TLS needs --tls-ca-file and --tls-cert"),
         (
             ["--tls-ca-file=/etc/hostname", "--tls-cert=/etc/hostname"],
@@ -351,7 +354,7 @@ def listening(pid):
     }
 
 
-@pytest.mark.parametrize("host", [None, "127.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize("host", [None, "127.0.0.1", "0.0.0.0", "interface lo"])
 def test_host_sets_where_the_scheduler_listens(state_dir, tmp_path, host):
     planted = tmp_path / "planted"
     planted.write_text("")
@@ -361,8 +364,16 @@ def test_host_sets_where_the_scheduler_listens(state_dir, tmp_path, host):
         (state_dir / f"worker-{t}-0.log").symlink_to(planted)
 
     flags = [] if host is None else [f"--host={host}"]
+    if host == "interface lo":
+        flags = ["--interface=lo"]  # the loopback interface's address, 127.0.0.1
     started = cli("start", "--head", "--num-gpus=1", *FAST, *flags, state_dir=state_dir)
     assert started.returncode == 0, started.stderr
+    # one line says when other hosts can reach the scheduler, and what that means
+    reach = [line for line in started.stdout.splitlines() if "other hosts" in line]
+    if host == "0.0.0.0":
+        assert len(reach) == 1 and "without TLS: anyone who can reach it" in reach[0]
+    else:
+        assert reach == []
     assert planted.read_text() == "", "a log was written through a planted symlink"
     (scheduler,) = [r for r in records(state_dir) if r["kind"] == "scheduler"]
     where = listening(scheduler["pid"])

@@ -219,12 +219,16 @@ async def test_gpu_request_on_cluster_without_gpus(c, s, a):
     assert await c.submit(lambda: 1) == 1
 
 
-@gen_cluster(client=True, nthreads=[], config={"gpuresources.infeasible": "wait"})
-async def test_infeasible_wait_mode_logs_once_and_waits(c, s):
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}})],
+    config={"gpuresources.infeasible": "wait"},
+)
+async def test_infeasible_wait_mode_logs_once_and_waits(c, s, a):
     await gr.install(c)
     with captured_logger("distributed.gpuresources", level=logging.WARNING) as log:
         futures = c.map(gpu_task, [0, 0], resources={"GPU": 2}, pure=False)
-        await asyncio.sleep(0.3)
+        await async_poll_for(lambda: "Waiting for a worker" in log.getvalue(), 10)
     assert log.getvalue().count("Waiting for a worker") == 1
     assert all(f.status == "pending" for f in futures)
     async with Worker(s.address, nthreads=2, resources={"GPU": 2}):
