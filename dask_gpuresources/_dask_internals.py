@@ -15,7 +15,6 @@ from collections.abc import Callable
 __all__ = [
     "INTERNALS",
     "missing_internals",
-    "cancel_reason",
     "count_in_process_memory",
     "register_event_handler",
     "release_actor_proxy",
@@ -81,14 +80,6 @@ def count_in_process_memory(worker: object, extra: Callable[[], int]) -> Callabl
     return undo
 
 
-def cancel_reason(future: object) -> str | None:
-    """Why Dask cancelled ``future``, as its client was told (``"lost dependencies"`` and
-    the like), or None when it does not say."""
-    error = getattr(getattr(future, "_state", None), "exception", None)
-    msg = getattr(error, "msg", None)
-    return str(msg) if msg else None
-
-
 def register_event_handler(event: type, handler: object) -> None:
     """Teach ``WorkerState`` to handle a state-machine event of ours (a singledispatch
     registration on ``WorkerState._handle_event``; events are only ever sent by us)."""
@@ -99,11 +90,6 @@ def register_event_handler(event: type, handler: object) -> None:
 
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
-    (
-        "distributed.client",
-        "FutureState.cancel",
-        "why a facade task was cancelled (a lost dependency), in TaskCancelledError",
-    ),
     (
         "distributed.system_monitor",
         "SystemMonitor.get_process_memory",

@@ -24,7 +24,6 @@ import distributed
 from distributed import Client, Future
 
 from . import _context, _runtime
-from ._dask_internals import cancel_reason
 from .exceptions import ActorDiedError, GetTimeoutError, TaskCancelledError
 
 logger = logging.getLogger("dask_gpuresources.api")
@@ -453,6 +452,18 @@ class Batcher:
             self.closed = True
             self.wake.notify()
         self.thread.join(timeout=10)
+
+
+def cancel_reason(future: Future) -> str | None:
+    """Why Dask cancelled ``future`` (``"lost dependencies"`` and the like), from the
+    ``FutureCancelledError`` its ``result()`` raises; None when it does not say."""
+    try:
+        future.result(timeout=5)
+    except concurrent.futures.CancelledError as exc:
+        return getattr(exc, "msg", None) or None
+    except Exception:
+        return None
+    return None
 
 
 def _the_function(function: Callable) -> Callable:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
 from distributed import Worker, WorkerPlugin
 from distributed.utils_test import gen_cluster
 from distributed.worker_state_machine import TaskState, WorkerState
@@ -117,14 +118,15 @@ async def test_an_actor_proxy_holds_its_own_future_on_the_key(c, s, a):
 
 @gen_cluster(client=True, nthreads=[("", 1)])
 async def test_a_cancelled_future_says_why(c, s, a):
-    # What TaskCancelledError quotes (cancel_reason): the message Dask gives the client.
+    # What TaskCancelledError quotes: the message Dask puts in FutureCancelledError.
     from distributed import Event
-
-    from dask_gpuresources._dask_internals import cancel_reason
+    from distributed.client import FutureCancelledError
 
     event = Event()
     future = c.submit(event.wait, 30)
     await c.cancel(future, reason="canary", msg="its input was lost")
     assert future.status == "cancelled"
-    assert cancel_reason(future) == "its input was lost"
+    with pytest.raises(FutureCancelledError) as info:
+        await future
+    assert info.value.msg == "its input was lost"
     await event.set()
