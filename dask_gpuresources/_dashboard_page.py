@@ -20,8 +20,6 @@ from bokeh.models import (
     FactorRange,
     GroupFilter,
     HoverTool,
-    Legend,
-    LegendItem,
     LinearColorMapper,
     Range1d,
 )
@@ -158,6 +156,17 @@ class DeviceGrid(DashboardComponent):
             self.source.data = data
 
 
+def _legend_html() -> str:
+    """One swatch and label per colour of the bars, in :data:`COLORS` order."""
+    items = [
+        f'<span style="display:inline-block;margin-right:16px">'
+        f'<span style="display:inline-block;width:14px;height:14px;vertical-align:middle;'
+        f'margin-right:5px;background:{COLORS[kind]}"></span>{html.escape(LABELS[kind])}</span>'
+        for kind in ("task", "actor", "free", "overlap")
+    ]
+    return f'<div class="gpu-allocations-legend">{"".join(items)}</div>'
+
+
 class DeviceBars(DashboardComponent):
     """One bar per device, every holder its own segment, with a legend.
 
@@ -225,22 +234,13 @@ class DeviceBars(DashboardComponent):
                 source=self.source,
                 view=CDSView(filter=GroupFilter(column_name="kind", group=kind)),
             )
-        # A bar drawn for the legend only: the red a shared device's ground takes.
-        renderers["overlap"] = self.root.hbar(
-            y=[], left=[], right=[], height=0.8, color=COLORS["overlap"]
-        )
-        self.legend = Legend(
-            items=[
-                LegendItem(label=LABELS["task"], renderers=[renderers["task"]]),
-                LegendItem(label=LABELS["actor"], renderers=[renderers["actor"]]),
-                LegendItem(label=LABELS["free"], renderers=[ground]),
-                LegendItem(label=LABELS["overlap"], renderers=[renderers["overlap"]]),
-            ],
+        # The legend is HTML: Bokeh draws no swatch for a renderer with no rows (no task
+        # running, no shared device), which is exactly when a newcomer reads the legend.
+        self.legend = Div(
+            text=_legend_html(),
             name="gpu-allocations-legend",
-            orientation="horizontal",
-            location="center",
+            sizing_mode="stretch_width",
         )
-        self.root.add_layout(self.legend, "above")
         self.root.add_tools(
             HoverTool(
                 renderers=[renderers["task"], renderers["actor"]],
@@ -397,7 +397,12 @@ class GPUAllocations(DashboardComponent):
         self.bars = DeviceBars(scheduler, plugin)
         self.text = HolderTable(scheduler, plugin)
         self.root = column(
-            self.grid.root, self.bars.root, self.text.root, sizing_mode="stretch_width", **kwargs
+            self.grid.root,
+            self.bars.legend,
+            self.bars.root,
+            self.text.root,
+            sizing_mode="stretch_width",
+            **kwargs,
         )
 
     @property

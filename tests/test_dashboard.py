@@ -86,8 +86,14 @@ async def test_every_holder_is_its_own_segment(c, s, a):
     assert ground["color"][free] == COLORS["free"]
     assert "<script>" not in "".join(ground["holders"] + seg["holder"])
 
-    labels = [item.label["value"] for item in page.bars.legend.items]
-    assert labels == ["task", "actor", "free", "also handed out by another worker"]
+    # The legend: a swatch of each colour and its label, in order, drawn even for colours
+    # nothing on the page has now (Bokeh's own legend draws no swatch for those).
+    legend = page.bars.legend.text
+    labels = ["task", "actor", "free", "also handed out by another worker"]
+    kinds = ["task", "actor", "free", "overlap"]
+    assert [legend.index(label) for label in labels] == sorted(legend.index(x) for x in labels)
+    assert all(f"background:{COLORS[kind]}" in legend for kind in kinds)
+    assert page.bars.legend in page.root.children
 
     # The text lists every holder in full, held devices first, escaped.
     text = page.text.root.text
