@@ -5,7 +5,6 @@ failed or terminated ``start`` leaving nothing behind, ``--host`` and TLS."""
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import ipaddress
 import json
@@ -18,6 +17,7 @@ import time
 
 import psutil
 import pytest
+from _certs import certificates
 from click.testing import CliRunner
 
 from dask_gpuresources._statedir import ProcessRecord, StateDir
@@ -401,58 +401,14 @@ def test_host_sets_where_the_scheduler_listens(state_dir, tmp_path, host):
 @pytest.fixture
 def tls_files(tmp_path):
     """A CA, and a certificate for 127.0.0.1 signed by it, as PEM files."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(common):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("dask-gpuresources test CA"))
-        .issuer_name(name("dask-gpuresources test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    paths = {n: tmp_path / f"{n}.pem" for n in ("ca", "cert", "key")}
-    paths["ca"].write_bytes(ca.public_bytes(pem))
-    paths["cert"].write_bytes(cert.public_bytes(pem))
-    paths["key"].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    os.chmod(paths["key"], 0o600)
+    made = certificates(tmp_path, {"local": "127.0.0.1"})
+    paths = {"ca": made["ca"], "cert": made["local"][0], "key": made["local"][1]}
     args = [
         f"--tls-ca-file={paths['ca']}",
         f"--tls-cert={paths['cert']}",
         f"--tls-key={paths['key']}",
     ]
-    return {**{k: str(v) for k, v in paths.items()}, "args": args}
+    return {**paths, "args": args}
 
 
 def test_tls_start_and_status(state_dir, tls_files):

@@ -4,15 +4,14 @@ isolated children."""
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
+from _certs import certificates
 from distributed import Client
 from distributed.security import Security
 
 import dask_gpuresources as gr
 
-x509 = pytest.importorskip("cryptography.x509")
+pytest.importorskip("cryptography")  # Security.temporary() and the certificate files
 
 
 def double(x):
@@ -56,59 +55,12 @@ def test_init_with_temporary_certificates():
         gr.shutdown()
 
 
-def _certificate_files(folder):
-    """A CA and one certificate it signs, as PEM files (what an operator would have)."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(text):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-    def build(subject, key, issuer, issuer_key, ca):
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .sign(issuer_key, hashes.SHA256())
-        )
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = build("test CA", ca_key, "test CA", ca_key, True)
-    cert = build("dask", key, "test CA", ca_key, False)
-    files = {
-        "ca": ca.public_bytes(serialization.Encoding.PEM),
-        "cert": cert.public_bytes(serialization.Encoding.PEM),
-        "key": key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    }
-    paths = {}
-    for what, data in files.items():
-        path = folder / f"{what}.pem"
-        path.write_bytes(data)
-        path.chmod(0o600)
-        paths[what] = str(path)
-    return paths
-
-
 def test_init_with_certificate_files(tmp_path):
-    files = _certificate_files(tmp_path)
-    roles = {
-        f"tls_{role}_{part}": files[part]
-        for role in ("client", "scheduler", "worker")
-        for part in ("cert", "key")
-    }
-    security = Security(tls_ca_file=files["ca"], require_encryption=True, **roles)
+    made = certificates(tmp_path, {"local": "127.0.0.1"})
+    cert, key = made["local"]
+    roles = {f"tls_{role}_cert": cert for role in ("client", "scheduler", "worker")}
+    roles.update({f"tls_{role}_key": key for role in ("client", "scheduler", "worker")})
+    security = Security(tls_ca_file=made["ca"], require_encryption=True, **roles)
     info = gr.init(num_gpus=2, num_cpus=4, dashboard=False, security=security)
     try:
         _run_everything(info, security)

@@ -8,7 +8,6 @@ skipped with the reason elsewhere.
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _certs import certificates  # noqa: E402
 from _netns import MultiHostBed, remove_stale, unavailable, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -428,71 +428,8 @@ def test_cli_cluster_over_three_hosts(bed):
         assert all(bed.pids(h) for h in "abc".replace(host, "") if h < host)
 
 
-def make_certificates(folder: Path) -> dict:
-    """A CA and one certificate per host (its address as the subject alternative name)."""
-    x509 = pytest.importorskip("cryptography.x509")
-    import ipaddress
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(text):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-    def write(path, data):
-        path.write_bytes(data)
-        return str(path)
-
-    def pem_key(key):
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("multihost test CA"))
-        .issuer_name(name("multihost test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    out = {"ca": write(folder / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))}
-    for host, ip in (("a", A), ("b", B), ("c", C)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(f"host-{host}"))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(f"host-{host}"), x509.IPAddress(ipaddress.ip_address(ip))]
-                ),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        out[host] = (
-            write(folder / f"{host}.pem", cert.public_bytes(serialization.Encoding.PEM)),
-            write(folder / f"{host}-key.pem", pem_key(key)),
-        )
-    return out
-
-
 def test_the_same_cluster_with_tls_between_hosts(bed):
-    tls = make_certificates(bed.log_dir)
+    tls = certificates(bed.log_dir, {"a": A, "b": B, "c": C})
     address = start_cluster(bed, tls=tls)
     assert address.startswith("tls://")
     env = {"MULTIHOST_ADDRESS": address, "MULTIHOST_TLS": json.dumps(tls)}
