@@ -101,6 +101,9 @@ def local_cluster(n_workers: int, threads: int, gpus: int) -> LocalCluster:
         resources={"GPU": gpus},
         dashboard_address=None,
         silence_logs=logging.WARNING,
+        # In-process workers each see the whole process's memory: with many of them, Dask's
+        # share-of-the-machine limit (memory / n_workers) pauses them all. No limit.
+        memory_limit=0,
     )
 
 

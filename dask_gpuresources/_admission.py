@@ -30,6 +30,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from distributed.worker_state_machine import (
+    ExecuteSuccessEvent,
     StateMachineEvent,
     TaskState,
     WorkerState,
@@ -265,6 +266,19 @@ class GPUAdmission(WorkerState):
             if resource != GPU:
                 available[resource] += needed
         self._gpu.release(ts, amount, actor=ts.key in self.actors)
+
+    def handle_stimulus(self, *stims: StateMachineEvent) -> Any:
+        for stim in stims:
+            if type(stim) is ExecuteSuccessEvent:
+                ts = self.tasks.get(stim.key)
+                if ts is not None and ts.state == "cancelled" and stim.key in self.actors:
+                    # An actor whose construction finished after it was cancelled: Dask
+                    # drops it now, but its instance lingers in the worker's execute task
+                    # for a moment; its devices stay held until it is collected.
+                    restrictions = ts.resource_restrictions
+                    if restrictions and gpu_amount(restrictions):
+                        self._gpu.watch_instance(stim.key, stim.value)
+        return super().handle_stimulus(*stims)
 
     def _transition(self, ts: TaskState, finish: Any, *args: Any, stimulus_id: str) -> Any:
         start = ts.state

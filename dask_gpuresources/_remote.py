@@ -10,10 +10,12 @@ A remote function's ``.remote()`` hands the call to the session's ordered sender
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import itertools
 import math
+import queue
 import threading
 import uuid
 from collections.abc import Callable
@@ -252,6 +254,7 @@ class ActorHandle:
         self._deferred = 0  # calls waiting for the actor to be constructed
         self._dispatcher: ThreadPoolExecutor | None = None
         self._proxy_call: Any = None  # the proxy's ``call``, fetched once (see _send)
+        self._killed = False  # kill() was called on this handle
         runtime = _runtime.current
         if runtime is not None:
             runtime.handles.add(self)
@@ -340,7 +343,7 @@ class ActorHandle:
         self, seq: int, method: str, args: tuple, kwargs: dict, payload: bytes | None
     ) -> Any:
         try:
-            proxy = self._future.result()
+            proxy = self._wait(self._future.result)
             with self._lock:
                 self._proxy = self._proxy or proxy
             if payload is None:
@@ -351,12 +354,27 @@ class ActorHandle:
                     # the actor still expects this sequence number: let the next call go
                     self._send(proxy, seq, None, b"")
                     raise original_error(exc) from None
-            return self._send(proxy, seq, method, payload).result()
+            sent = self._send(proxy, seq, method, payload)
+            return self._wait(sent.result)
         finally:
             with self._lock:
                 self._deferred -= 1
 
+    def _wait(self, result: Any) -> Any:
+        """``result()`` of the actor's creation or of a call sent to it, in slices: a
+        kill of this handle meanwhile ends the wait with ActorDiedError (bound every wait)."""
+        while True:
+            try:
+                return result(timeout=1.0)
+            except (TimeoutError, concurrent.futures.TimeoutError, queue.Empty):
+                dead = self._status_error()
+                if dead is None and self._killed:
+                    dead = ActorDiedError(self._key, None, "it was killed")
+                if dead is not None:
+                    raise dead from None
+
     def _kill(self) -> None:
+        self._killed = True
         self._future.cancel(force=True)
 
 

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Hashable
 from fractions import Fraction
 from time import monotonic as time
@@ -50,6 +52,9 @@ __all__ = [
 # A child of "distributed" so that our lines appear in worker and scheduler logs with
 # Dask's own format and levels (the logging.distributed config).
 logger = logging.getLogger("distributed.gpuresources")
+
+#: seconds a cancelled actor's lingering instance may keep its devices (see watch_instance)
+LINGER_LIMIT = 30.0
 
 #: Name of the worker plugin (and of the worker's RPC handler).
 PLUGIN_NAME = "gpuresources"
@@ -100,6 +105,12 @@ class WorkerDevices:
         self.finalizers: dict[Hashable, Any] = {}
         #: every actor key with a hold or a finalizer: checked on each of its transitions
         self.actors: set[Hashable] = set()
+        #: plain Dask actors cancelled while constructing: key -> the finalizer of their
+        #: instance, which Dask's machinery still holds for a moment after dropping it
+        self._collecting: dict[Hashable, Any] = {}
+        #: of those, the ones whose hold ended before their instance was collected
+        self._awaiting: set[Hashable] = set()
+        self._collect_lock = threading.Lock()
         self._isolation = "thread"
         self._max_calls = 0
         self._bypass_limit = 10.0
@@ -387,12 +398,58 @@ class WorkerDevices:
         self.finalizers[key] = finalizer
         self.actors.add(key)
 
+    def watch_instance(self, key: Hashable, instance: Any) -> None:
+        """The construction of actor ``key`` finished after it was cancelled: its hold may
+        end only once ``instance`` is collected (the worker's execute machinery holds the
+        finished construction's result for a moment after Dask dropped the actor)."""
+        if key in self.finalizers:
+            return  # one of the facade's: its finalizer ends it (drops the user's instance)
+        try:
+            finalizer = weakref.finalize(instance, self._collected, key)
+        except TypeError:  # an instance without weak references: as soon as Dask drops it
+            return
+        finalizer.atexit = False
+        with self._collect_lock:
+            self._collecting[key] = finalizer
+
+    def _collected(self, key: Hashable) -> None:
+        # any thread: wherever the last reference to the instance went
+        with self._collect_lock:
+            self._collecting.pop(key, None)
+            waiting = key in self._awaiting
+            self._awaiting.discard(key)
+        if waiting and not self.closed:
+            self.worker.loop.add_callback(self._drained, key)
+
+    def _linger_limit(self, key: Hashable) -> None:
+        with self._collect_lock:
+            if key not in self._awaiting:
+                return
+            self._awaiting.discard(key)
+            self._collecting.pop(key, None)
+        logger.warning(
+            "The instance of actor %r, cancelled while it was constructed, is still "
+            "referenced after %g s; its GPUs are given back now",
+            key,
+            LINGER_LIMIT,
+        )
+        self._drained(key)
+
     def actor_gone(self, key: Hashable) -> bool:
         """The actor ``key`` is no longer live here: finalize it and end its hold.
 
         Returns whether devices came free now (else later, or none were held).
         """
         self.actors.discard(key)
+        if self._collecting:
+            with self._collect_lock:
+                if key in self._collecting and key in self.ledger and key not in self.finalizers:
+                    # its instance still exists: the hold ends when it is collected, or
+                    # after LINGER_LIMIT seconds if something keeps it (said in the log)
+                    self._awaiting.add(key)
+                    self.actor_holds.pop(key, None)
+                    self.worker.loop.call_later(LINGER_LIMIT, self._linger_limit, key)
+                    return False
         drained = self._finalize(key)
         amount = self.actor_holds.pop(key, None)
         if amount is None:

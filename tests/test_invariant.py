@@ -11,11 +11,12 @@ import asyncio
 import gc
 import os
 import time
+import weakref
 from fractions import Fraction
 
 import dask
 import pytest
-from distributed import Client, Event, LocalCluster, Reschedule, Worker
+from distributed import Client, Event, LocalCluster, Reschedule, Worker, WorkerPlugin
 from distributed.utils_test import async_poll_for, gen_cluster
 
 import dask_gpuresources as gr
@@ -101,6 +102,59 @@ def test_actor_cancelled_while_constructing_gives_its_gpu_back():
             assert task.result(timeout=TIMEOUT) == [0]
             (table,) = gr.allocations(client).values()
             assert table == {0: {}}
+
+
+_instances: list = []  # weak references to SlowInstance objects (in-process workers)
+
+
+class SlowInstance:
+    """Constructs once the Event ``name`` is set; a weak reference to it is kept above."""
+
+    def __init__(self, name):
+        Event(name).wait(TIMEOUT)
+        _instances.append(weakref.ref(self))
+
+
+class WatchStarts(WorkerPlugin):
+    """Notes, as each task starts executing, whether a SlowInstance is still alive."""
+
+    name = "watch-starts"
+
+    def __init__(self):
+        self.starts = {}
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing":
+            self.starts[key] = any(ref() is not None for ref in _instances)
+
+
+def test_no_task_starts_on_a_cancelled_actors_device_while_its_instance_lives():
+    # The constructor of an actor cancelled meanwhile finishes; Dask drops the instance, but
+    # the worker's execute task still holds it until its stimulus returns. The soak saw a
+    # GPU task start on that device 0.26 ms before the instance was collected.
+    _instances.clear()
+    watch = WatchStarts()
+    with LocalCluster(
+        n_workers=1,
+        processes=False,
+        threads_per_worker=2,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+    ) as cluster:
+        with Client(cluster) as client:
+            gr.install(client)
+            client.register_plugin(watch)
+            (worker,) = cluster.workers.values()
+            actor = client.submit(SlowInstance, "ctor-alive", actor=True, resources={"GPU": 1})
+            _wait_until(lambda: _is_executing(client, actor.key))
+            client.cancel(actor)
+            task = client.submit(ids, resources={"GPU": 1}, pure=False)
+            _wait_until(lambda: task.key in worker.state.tasks)
+            Event("ctor-alive", client=client).set()  # the constructor returns after the cancel
+            assert task.result(timeout=TIMEOUT) == [0]
+            started_while_alive = worker.plugins["watch-starts"].starts[task.key]
+    assert len(_instances) == 1  # the constructor did finish
+    assert not started_while_alive
 
 
 def _is_executing(client, key):
