@@ -343,7 +343,7 @@ class ActorHandle:
         self, seq: int, method: str, args: tuple, kwargs: dict, payload: bytes | None
     ) -> Any:
         try:
-            proxy = self._wait(self._future.result)
+            proxy = self._future.result()
             with self._lock:
                 self._proxy = self._proxy or proxy
             if payload is None:
@@ -361,8 +361,10 @@ class ActorHandle:
                 self._deferred -= 1
 
     def _wait(self, result: Any) -> Any:
-        """``result()`` of the actor's creation or of a call sent to it, in slices: a
-        kill of this handle meanwhile ends the wait with ActorDiedError (bound every wait)."""
+        """``result()`` of a call sent to the actor, in slices: a kill of this handle
+        meanwhile ends the wait with ActorDiedError (bound every wait). Only for the call: the
+        same sliced wait on the actor's own Dask future left killed actors wanted by the
+        scheduler in the soak (cause not found), so that one waits whole."""
         while True:
             try:
                 return result(timeout=1.0)

@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
 import weakref
 from collections.abc import Hashable
 from fractions import Fraction
@@ -110,7 +110,6 @@ class WorkerDevices:
         self._collecting: dict[Hashable, Any] = {}
         #: of those, the ones whose hold ended before their instance was collected
         self._awaiting: set[Hashable] = set()
-        self._collect_lock = threading.Lock()
         self._isolation = "thread"
         self._max_calls = 0
         self._bypass_limit = 10.0
@@ -401,32 +400,34 @@ class WorkerDevices:
     def watch_instance(self, key: Hashable, instance: Any) -> None:
         """The construction of actor ``key`` finished after it was cancelled: its hold may
         end only once ``instance`` is collected (the worker's execute machinery holds the
-        finished construction's result for a moment after Dask dropped the actor)."""
+        finished construction's result for a moment after Dask dropped the actor).
+        On the event loop, as every method here that changes the state below."""
         if key in self.finalizers:
             return  # one of the facade's: its finalizer ends it (drops the user's instance)
         try:
-            finalizer = weakref.finalize(instance, self._collected, key)
+            finalizer = weakref.finalize(instance, self._collected_soon, key)
         except TypeError:  # an instance without weak references: as soon as Dask drops it
             return
         finalizer.atexit = False
-        with self._collect_lock:
-            self._collecting[key] = finalizer
+        self._collecting[key] = finalizer
+
+    def _collected_soon(self, key: Hashable) -> None:
+        # Any thread, possibly inside a garbage collection on the event loop's own thread:
+        # no lock here, only a hand-off to the loop.
+        with contextlib.suppress(Exception):
+            self.worker.loop.add_callback(self._collected, key)
 
     def _collected(self, key: Hashable) -> None:
-        # any thread: wherever the last reference to the instance went
-        with self._collect_lock:
-            self._collecting.pop(key, None)
-            waiting = key in self._awaiting
+        self._collecting.pop(key, None)
+        if key in self._awaiting:
             self._awaiting.discard(key)
-        if waiting and not self.closed:
-            self.worker.loop.add_callback(self._drained, key)
+            self._drained(key)
 
     def _linger_limit(self, key: Hashable) -> None:
-        with self._collect_lock:
-            if key not in self._awaiting:
-                return
-            self._awaiting.discard(key)
-            self._collecting.pop(key, None)
+        if key not in self._awaiting:
+            return
+        self._awaiting.discard(key)
+        self._collecting.pop(key, None)
         logger.warning(
             "The instance of actor %r, cancelled while it was constructed, is still "
             "referenced after %g s; its GPUs are given back now",
@@ -441,15 +442,15 @@ class WorkerDevices:
         Returns whether devices came free now (else later, or none were held).
         """
         self.actors.discard(key)
-        if self._collecting:
-            with self._collect_lock:
-                if key in self._collecting and key in self.ledger and key not in self.finalizers:
-                    # its instance still exists: the hold ends when it is collected, or
-                    # after LINGER_LIMIT seconds if something keeps it (said in the log)
-                    self._awaiting.add(key)
-                    self.actor_holds.pop(key, None)
-                    self.worker.loop.call_later(LINGER_LIMIT, self._linger_limit, key)
-                    return False
+        watched = self._collecting.pop(key, None)
+        if watched is not None and watched.alive and key in self.ledger:
+            # its instance still exists: the hold ends when it is collected, or after
+            # LINGER_LIMIT seconds if something keeps it (said in the log)
+            self._collecting[key] = watched
+            self._awaiting.add(key)
+            self.actor_holds.pop(key, None)
+            self.worker.loop.call_later(LINGER_LIMIT, self._linger_limit, key)
+            return False
         drained = self._finalize(key)
         amount = self.actor_holds.pop(key, None)
         if amount is None:
