@@ -4,9 +4,11 @@ isolated children."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from _certs import certificates
-from distributed import Client
+from distributed.comm import connect
 from distributed.security import Security
 
 import dask_gpuresources as gr
@@ -41,9 +43,9 @@ def _run_everything(info, security):
     # the scheduler speaks TLS only: a client without the certificates gets nowhere (Dask
     # refuses a tls:// address without an SSL context)
     with pytest.raises((OSError, TimeoutError, TypeError)):
-        Client(info.address, timeout=3).close()
-    with Client(info.address, security=security, timeout=30) as client:
-        assert len(client.scheduler_info()["workers"]) == 1
+        asyncio.run(connect(info.address, timeout=3))
+    # the session's client, which connected with ``security``, sees the worker
+    assert len(gr.api._client().scheduler_info()["workers"]) == 1
 
 
 def test_init_with_temporary_certificates():
