@@ -269,9 +269,9 @@ class GPUAdmission(WorkerState):
 
     def handle_stimulus(self, *stims: StateMachineEvent) -> Any:
         for stim in stims:
-            if type(stim) is ExecuteSuccessEvent:
+            if type(stim) is ExecuteSuccessEvent and stim.key in self.actors:
                 ts = self.tasks.get(stim.key)
-                if ts is not None and ts.state == "cancelled" and stim.key in self.actors:
+                if ts is not None and ts.state == "cancelled":
                     # An actor whose construction finished after it was cancelled: Dask
                     # drops it now, but its instance lingers in the worker's execute task
                     # for a moment; its devices stay held until it is collected.

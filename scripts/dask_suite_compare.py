@@ -132,16 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     def emit(s: str = "") -> None:
         lines.append(s)
 
-    for label, res, t in (("baseline (no preload)", base, base_t), ("plugin (preloaded)", plug, plug_t)):
+    for label, res, t in (
+        ("baseline (no preload)", base, base_t),
+        ("plugin (preloaded)", plug, plug_t),
+    ):
         c = Counter(res.values())
         summary = ", ".join(f"{c[k]} {k}" for k in sorted(c))
         emit(f"{label}: {len(res)} tests: {summary}; test time {sum(t.values()):.0f}s")
-        md.append(f"- {label}: {len(res)} tests: {summary}; summed test time {sum(t.values()):.0f} s")
+        md.append(
+            f"- {label}: {len(res)} tests: {summary}; summed test time {sum(t.values()):.0f} s"
+        )
 
     ids = sorted(set(base) | set(plug))
     differing = [n for n in ids if base.get(n, "missing") != plug.get(n, "missing")]
-    both_bad = [n for n in ids if base.get(n) not in GOOD | {None} and plug.get(n) not in GOOD | {None}]
-    missing = [n for n in differing if "missing" in (base.get(n, "missing"), plug.get(n, "missing"))]
+    both_bad = [
+        n for n in ids if base.get(n) not in GOOD | {None} and plug.get(n) not in GOOD | {None}
+    ]
+    missing = [
+        n for n in differing if "missing" in (base.get(n, "missing"), plug.get(n, "missing"))
+    ]
     real = [n for n in differing if n not in missing]
 
     consistent: list[str] = []
@@ -168,13 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         return s + (f"\n      {msg}" if msg else "")
 
     emit()
-    emit(f"differing tests: {len(real)}" + (f" (+{len(missing)} run on one side only)" if missing else ""))
+    emit(
+        f"differing tests: {len(real)}"
+        + (f" (+{len(missing)} run on one side only)" if missing else "")
+    )
     groups = [
         ("consistent difference (confirmed by a rerun: likely caused by the plugin)", consistent),
         ("difference not rechecked", unchecked),
         ("flaky in the baseline (no preload) itself: not evidence against the plugin", flaky_base),
-        ("flaky with the plugin (its outcome changed between plugin attempts; baseline"
-         " stable): look again if it recurs", flaky),
+        (
+            "flaky with the plugin (its outcome changed between plugin attempts; baseline"
+            " stable): look again if it recurs",
+            flaky,
+        ),
         ("run on one side only (crash, timeout or collection difference)", missing),
     ]
     for title, group in groups:
@@ -185,10 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         for n in group:
             emit("  " + row(n))
             first, *rest = row(n).split("\n")
-            md.append(f"- `{first.split(': baseline')[0]}`: baseline{first.split(': baseline', 1)[1]}"
-                      + (f"<br>`{rest[0].strip()}`" if rest else ""))
+            md.append(
+                f"- `{first.split(': baseline')[0]}`: baseline{first.split(': baseline', 1)[1]}"
+                + (f"<br>`{rest[0].strip()}`" if rest else "")
+            )
     emit(f"== failing or erroring in both runs (environment, not the plugin): {len(both_bad)}")
-    md.append(f"\n**failing or erroring in both runs (environment, not the plugin): {len(both_bad)}**\n")
+    md.append(
+        f"\n**failing or erroring in both runs (environment, not the plugin): {len(both_bad)}**\n"
+    )
     for n in both_bad:
         emit(f"  {n}: {base[n]} / {plug[n]}  {base_msg.get(n, '')[:160]}")
         md.append(f"- `{n}`: {base[n]} / {plug[n]}")

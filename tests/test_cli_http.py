@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 
 import dask
 import pytest
+from _cli import cli
 from click.testing import CliRunner
 from distributed import Scheduler, SpecCluster, Worker
 
@@ -23,17 +21,6 @@ from dask_gpuresources.cli import main
 def state_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DASK_GPURESOURCES_STATE_DIR", str(tmp_path))
     return tmp_path
-
-
-def cli(*args, state_dir):
-    env = {**os.environ, "DASK_GPURESOURCES_STATE_DIR": str(state_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "dask", "gpuresources", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
 
 
 @pytest.mark.parametrize(

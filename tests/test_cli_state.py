@@ -18,27 +18,15 @@ import time
 import psutil
 import pytest
 from _certs import certificates
+from _cli import ENV, cli
 from click.testing import CliRunner
 
 from dask_gpuresources._statedir import ProcessRecord, StateDir
 from dask_gpuresources.cli import main
 
 pytestmark = pytest.mark.slow
-ENV = "DASK_GPURESOURCES_STATE_DIR"
 NOBODY = 65534
 FAST = ["--port=0", "--dashboard-address=:0"]
-
-
-def cli(*args, state_dir, env=None, **kwargs):
-    env = {**os.environ, ENV: str(state_dir), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "dask", "gpuresources", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        **kwargs,
-    )
 
 
 def popen_cli(*args, state_dir):
