@@ -77,6 +77,7 @@ class ActorHost:
         arguments failed after it took its number).
         """
         caller, seq, method, payload = message
+        direct = None
         if self._next[caller] < seq:  # arrived before an earlier call: wait for its turn
             self._early += 1
             try:
@@ -103,8 +104,12 @@ class ActorHost:
                 actor=self.key,
             )
             if self._child is not None:
-                # Tasks run in the order they are created: the lock is taken in turn order.
-                future = asyncio.ensure_future(self._call_child(context, method, payload))
+                # The child's lock must be asked for in turn order: awaited right here when
+                # nothing below can suspend first (no task to create and schedule: a loop
+                # iteration off every call), else a task now (tasks start in creation order).
+                direct = self._call_child(context, method, payload)
+                if self._early:
+                    future, direct = asyncio.ensure_future(direct), None
             else:
                 # Submitted before anything else can interleave: calls run in turn order. The
                 # copied context carries the worker, so get_worker() works in the method.
@@ -121,6 +126,8 @@ class ActorHost:
             if self._early:
                 async with self._turn:
                     self._turn.notify_all()
+        if direct is not None:
+            return await direct
         return await future
 
     async def _call_child(self, context: TaskContext, method: str, payload: bytes) -> Any:

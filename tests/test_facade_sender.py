@@ -172,3 +172,50 @@ def test_an_actor_waiting_on_what_is_submitted_after_it_does_not_deadlock(sessio
     # the actor's call takes a ref: it is sent once the ref is ready, and after the one above
     after = actor.echo.remote(gate)
     assert gr.get([waiting, after], timeout=30) == ["saw it", path]
+
+
+@gr.remote(num_gpus=1)
+class Tally:
+    """Hosted in an isolated child process (the default for GPU actors)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def add(self, i):
+        self.seen.append(i)
+        return i
+
+    def pid(self):
+        return os.getpid()
+
+    def log(self):
+        return self.seen
+
+
+def test_isolated_actor_runs_each_callers_calls_in_order_from_many_threads(session):
+    # Calls travel over several connections and can reach the worker out of order; each
+    # caller's calls still run in the order it made them, in the child, one at a time.
+    t = Tally.remote()
+    assert gr.get(t.pid.remote(), timeout=60) != os.getpid()
+    per_thread = {}
+    errors = []
+
+    def caller(n):
+        try:
+            refs = [t.add.remote((n, i)) for i in range(100)]
+            per_thread[n] = gr.get(refs, timeout=60)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(90)
+    assert not errors, errors
+    seen = gr.get(t.log.remote(), timeout=60)
+    assert len(seen) == 400
+    for n in range(4):
+        assert per_thread[n] == [(n, i) for i in range(100)]
+        assert [s for s in seen if s[0] == n] == per_thread[n]  # in the child, in order
+    gr.kill(t)
