@@ -7,8 +7,10 @@ periodic move of GPU work queued behind busy devices to workers whose devices ar
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from .worker import GPU
@@ -37,12 +39,14 @@ class Placement:
         addr = ws.address
         self._processing[ts.key] = (addr, units)
         load = self._load[addr] = self._load.get(addr, 0) + units
+        self._index(addr, ws)
         if load > ws.resources.get(GPU, 0) * UNITS:
             self._overloaded.add(addr)
 
     def _add_load(self, addr: str, units: int) -> None:
         load = self._load[addr] = self._load.get(addr, 0) + units
         ws = self.scheduler.workers.get(addr)
+        self._index(addr, ws)
         if ws is not None and load > ws.resources.get(GPU, 0) * UNITS:
             self._overloaded.add(addr)
         else:
@@ -53,6 +57,7 @@ class Placement:
         if load is None:  # the worker is gone, and its load with it
             return
         load = self._load[addr] = load - units
+        self._index(addr, None)
         overloaded = self._overloaded
         if not overloaded:
             return
@@ -69,14 +74,84 @@ class Placement:
             self._rebalance_soon = True
             self.scheduler.loop.add_callback(self.rebalance)
 
+    # -- the index of workers by free device units -----------------------------------------
+    #
+    # Placement asks, for every GPU task, which workers have the least device backlog. A
+    # scan of the valid workers answers in O(workers) Python steps per task (about 30 us at
+    # 128 workers, 250 us at 1,000). The index answers from the few distinct levels of free
+    # units instead: capacity -> {free units -> workers}, kept as loads and capacities change
+    # (a worker joining, leaving, or setting its resources again; GPUs refused for overlap).
+    # Every rebalance tick also re-levels any worker whose capacity changed unseen.
+
+    def _index(self, addr: str, ws: Any, *, gone: bool = False) -> None:
+        """Put worker ``addr`` at its current level (capacity, free units) in the index, or
+        take it out (``gone``, or no GPUs)."""
+        where = self._levels_of.pop(addr, None)
+        if where is not None:
+            capacity, free, old = where
+            group = self._levels[capacity]
+            members = group[free]
+            members.discard(old)
+            if not members:
+                del group[free]
+                if not group:
+                    del self._levels[capacity]
+        if gone:
+            return
+        if ws is None:
+            ws = self.scheduler.workers.get(addr) if self.scheduler is not None else None
+            if ws is None:
+                return
+        capacity = round(ws.resources.get(GPU, 0) * UNITS)
+        if capacity <= 0:
+            return
+        free = capacity - self._load.get(addr, 0)
+        self._levels.setdefault(capacity, {}).setdefault(free, set()).add(ws)
+        self._levels_of[addr] = (capacity, free, ws)
+
+    def _reindex_stale(self) -> None:
+        """Re-level every worker whose capacity changed without the plugin seeing it."""
+        levels_of = self._levels_of
+        for addr, ws in self.scheduler.workers.items():
+            where = levels_of.get(addr)
+            capacity = round(ws.resources.get(GPU, 0) * UNITS)
+            if where is None:
+                if capacity > 0:
+                    self._index(addr, ws)
+            elif where[0] != capacity or where[2] is not ws:
+                self._index(addr, ws)
+        for addr in [a for a in levels_of if a not in self.scheduler.workers]:
+            self._index(addr, None, gone=True)
+
+    def _least_backlog(self, units: int) -> set | None:
+        """The indexed workers with the least backlog for a request of ``units``."""
+        best = math.inf
+        chosen: list[tuple[int, dict[int, set]]] = []
+        for capacity, group in self._levels.items():
+            ahead = units - max(group)
+            backlog = ahead / capacity if ahead > 0 else 0.0
+            if backlog < best:
+                best, chosen = backlog, [(capacity, group)]
+            elif backlog == best:
+                chosen.append((capacity, group))
+        if not chosen:
+            return None
+        if best > 0:  # every device busy: the workers at each group's top level
+            return set().union(*(group[max(group)] for _, group in chosen))
+        # devices free: every worker that fits the request now
+        return set().union(
+            *(members for _, group in chosen for free, members in group.items() if free >= units)
+        )
+
     def _valid_workers(self, ts: Any) -> set | None:
         """Dask's valid workers for ``ts``, narrowed for GPU tasks to the least backlog.
 
         Backlog is the GPU work queued ahead of the task per device of a worker (0 while a
         device is free). Offering only the workers with the least of it, and letting Dask's
         objective choose among them, places exactly as ordering by (backlog, Dask's
-        objective) would, with one pass over the workers instead of a Python call per
-        candidate.
+        objective) would. The index above answers in a few set operations; the scan
+        (:meth:`_scan_least_backlog`) answers where it cannot (the least-backlog workers
+        are not among the valid ones: other restrictions, paused workers).
         """
         valid = type(self.scheduler).valid_workers(self.scheduler, ts)
         restrictions = ts.resource_restrictions
@@ -84,6 +159,14 @@ class Placement:
         if not value or not valid or len(valid) == 1:
             return valid
         units = round(value * UNITS)
+        least = self._least_backlog(units)
+        if least:
+            chosen = least & valid
+            if chosen:
+                return chosen
+        return self._scan_least_backlog(valid, units)
+
+    def _scan_least_backlog(self, valid: set, units: int) -> set:
         load = self._load
         best = math.inf
         chosen: list = []
@@ -103,18 +186,21 @@ class Placement:
         """Move GPU tasks queued behind busy devices to workers whose devices are idle.
 
         Uses Dask's work-stealing protocol, so a task that has already started is never
-        moved (the worker refuses), and worker or resource restrictions are respected.
+        moved (the worker refuses), and worker or resource restrictions are respected. A
+        move under way counts against its thief's free devices, so that ticks in quick
+        succession never send one idle device more than it can run.
         """
         self._rebalance_soon = False
         self._sync_devices()
         scheduler = self.scheduler
+        self._reindex_stale()
         stealing = scheduler.extensions.get("stealing")
         if stealing is None or not self._overloaded:
             return
-        self._follow_moves()
+        incoming = self._follow_moves()
         idle: dict[str, int] = {}
         for addr, capacity in scheduler.resources.get(GPU, {}).items():
-            free = int(capacity * UNITS) - self._load.get(addr, 0)
+            free = int(capacity * UNITS) - self._load.get(addr, 0) - incoming.get(addr, 0)
             if free > 0 and scheduler.workers[addr] in scheduler.running:
                 idle[addr] = free
         if not idle:
@@ -126,10 +212,7 @@ class Placement:
             excess = self._load.get(addr, 0) - int(ws.resources.get(GPU, 0) * UNITS)
             if excess <= 0:
                 continue
-            queued = [ts for ts in ws.processing if ts.key in self._processing]
-            # The lowest-priority tasks run last, so they are the ones waiting for devices.
-            queued.sort(key=lambda ts: ts.priority, reverse=True)
-            for ts in queued:
+            for ts in _last_to_run(ws.processing, self._processing):
                 if excess <= 0 or not idle:
                     break
                 units = self._processing[ts.key][1]
@@ -153,21 +236,31 @@ class Placement:
                 if idle[thief] <= 0:
                     del idle[thief]
 
-    def _follow_moves(self) -> None:
-        # Work stealing moves tasks without transition hooks: re-home their load. With our
-        # placement on, Dask's stealing leaves GPU tasks alone, so only the tasks rebalance()
-        # asked to move can have moved; without it, any GPU task may have.
+    def _follow_moves(self) -> dict[str, int]:
+        """Re-home the load of moved GPU tasks; returns the units still on their way to each
+        thief.
+
+        Work stealing moves tasks without transition hooks. With our placement on, Dask's
+        stealing leaves GPU tasks alone, so only the tasks rebalance() asked to move can have
+        moved; without it, any GPU task may have.
+        """
         tasks = self.scheduler.tasks
         in_flight = self._stealing.in_flight if self._stealing is not None else None
         keys = list(self._processing) if in_flight is None else list(self._moving)
+        incoming: dict[str, int] = {}
         for key in keys:
             record = self._processing.get(key)
             ts = tasks.get(key)
             if record is None or ts is None or ts.processing_on is None:
                 self._moving.discard(key)
                 continue
-            if in_flight is not None and ts not in in_flight:
-                self._moving.discard(key)  # settled: moved, refused, or rescheduled
+            if in_flight is not None:
+                move = in_flight.get(ts)
+                if move is None:
+                    self._moving.discard(key)  # settled: moved, refused, or rescheduled
+                else:
+                    thief = move["thief"].address
+                    incoming[thief] = incoming.get(thief, 0) + record[1]
             addr, units = record
             new = ts.processing_on.address
             if new == addr:
@@ -176,3 +269,26 @@ class Placement:
                 self._add_load(addr, -units)
             self._add_load(new, units)
             self._processing[key] = (new, units)
+        return incoming
+
+
+def _priority(ts: Any) -> Any:
+    return ts.priority
+
+
+def _last_to_run(processing: set, ours: dict) -> Iterator[Any]:
+    """The GPU tasks of ``processing``, lowest priority (the last to run) first.
+
+    A tick moves a few of them, so it takes the few it needs (an O(n) selection, growing 4x
+    as it goes on) instead of sorting a worker's whole queue (10,000 tasks: a few ms).
+    """
+    queued = [ts for ts in processing if ts.key in ours]
+    k, done = 8, 0
+    while done < len(queued):
+        if k < len(queued):
+            batch = heapq.nlargest(k, queued, key=_priority)
+        else:
+            batch = sorted(queued, key=_priority, reverse=True)
+        yield from batch[done:]
+        done = len(batch)
+        k *= 4

@@ -95,7 +95,11 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._warned_shapes: set[str] = set()
         self._warned_empty = False
         self._workers_to_close: Any = None  # the scheduler's own, while ours stands in
+        self._set_resources: Any = None  # the scheduler's set_resources handler, likewise
         self._overloaded: set[str] = set()
+        # placement's index: capacity units -> {free units -> workers}, and each worker's place
+        self._levels: dict[int, dict[int, set]] = {}
+        self._levels_of: dict[str, tuple[int, int, Any]] = {}
         self._rebalance_soon = False
         self._rebalancer: PeriodicCallback | None = None
         self._placement = False
@@ -184,6 +188,11 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         scheduler.workers_to_close = self.workers_to_close
         if "workers_to_close" in scheduler.handlers:
             scheduler.handlers["workers_to_close"] = self.workers_to_close
+        # A worker that sets its resources again (Worker.set_resources) changes its GPU
+        # capacity: placement's index follows.
+        self._set_resources = scheduler.handlers.get("set_resources")
+        if self._set_resources is not None:
+            scheduler.handlers["set_resources"] = self.set_resources
         interval = parse_timedelta(
             _config.get("gpuresources.scheduler.rebalance-interval"), default="ms"
         )
@@ -214,6 +223,10 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             if self.scheduler.handlers.get("workers_to_close") == self.workers_to_close:
                 self.scheduler.handlers["workers_to_close"] = self._workers_to_close
             self._workers_to_close = None
+        if self._set_resources is not None:
+            if self.scheduler.handlers.get("set_resources") == self.set_resources:
+                self.scheduler.handlers["set_resources"] = self._set_resources
+            self._set_resources = None
         for name in (HANDLER, f"{HANDLER}_table", DEVICES_HANDLER):
             if self.scheduler.handlers.get(name) == getattr(self, _HANDLER_METHODS[name]):
                 del self.scheduler.handlers[name]
@@ -236,12 +249,21 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             scheduler.remove_resources(worker)
             ws.resources[GPU] = ws.resources.pop("gpu")
             scheduler.add_resources(worker)
+        self._index(worker, ws)
         # Devices reported before the worker was added (a plugin set up before it
         # registered), or in the metrics it registered with.
         if worker in self._devices:
             self._check_host(self._devices[worker][0])
         else:
             self._record_from_heartbeat(worker, ws)
+
+    def set_resources(self, worker: str, resources: dict | None = None) -> Any:
+        """Dask's ``set_resources`` handler, then the worker's new capacity in placement."""
+        result = self._set_resources(worker=worker, resources=resources)
+        ws = self.scheduler.workers.get(worker)
+        if ws is not None:
+            self._index(worker, ws)
+        return result
 
     def workers_to_close(self, *args: Any, attribute: str = "address", **kwargs: Any) -> list:
         """Dask's choice of workers to close for scale-down, less those hosting GPU actors.
@@ -265,6 +287,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
     ) -> None:
         """Forget the worker's GPU load and devices; its leases died with it."""
         self._load.pop(worker, None)
+        self._index(worker, None, gone=True)
         self._overloaded.discard(worker)
         self._refused.pop(worker, None)
         record = self._devices.pop(worker, None)

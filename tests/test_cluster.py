@@ -433,3 +433,81 @@ async def test_load_follows_moves_without_placement(c, s, a):
     """Without our placement, Dask's own stealing moves GPU tasks; their load follows them."""
     results, added, _ = await _queue_then_add_idle_worker(c, s, a)
     assert any(r[0] == added for r in results)
+
+
+def assert_index_agrees_with_scan(s):
+    """Placement's index names the same least-backlog workers as a scan of all of them."""
+    plugin = s.plugins["gpuresources"]
+    every = {ws for ws in s.workers.values() if ws.resources.get("GPU")}
+    for amount in (0.25, 0.5, 1, 2, 3, 4):
+        units = round(amount * 10_000)
+        indexed = plugin._least_backlog(units) or set()
+        assert indexed & every == plugin._scan_least_backlog(every, units), amount
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[
+        ("127.0.0.1", 8, {"resources": {"GPU": 1}}),
+        ("127.0.0.1", 8, {"resources": {"GPU": 2}}),
+        ("127.0.0.1", 8, {"resources": {"GPU": 4}}),
+        ("127.0.0.1", 8, {"resources": {"GPU": 4}}),
+    ],
+    config={"gpuresources.scheduler.rebalance-interval": "1h"},
+)
+async def test_placement_index_follows_load_as_tasks_come_and_go(c, s, *workers):
+    await gr.install(c)
+    assert_index_agrees_with_scan(s)
+    hold = Event()
+    waves = []
+    for amounts in ([1, 0.5, 0.25, 2], [1] * 9, [0.5] * 7 + [2, 4], [0.25] * 13):
+        futures = [
+            c.submit(gpu_task, 0, hold=hold.name, resources={"GPU": a}, pure=False) for a in amounts
+        ]
+        waves.append(futures)
+        keys = [f.key for f in futures]
+        await async_poll_for(
+            lambda keys=keys: all(k in s.tasks and s.tasks[k].state == "processing" for k in keys),
+            timeout=10,
+        )
+        assert_load_follows_tasks(s)
+        assert_index_agrees_with_scan(s)
+    # tasks leave: the index follows the load down
+    await c.cancel(waves.pop(1))
+    left = sum(len(wave) for wave in waves)
+    await async_poll_for(lambda: len(s.plugins["gpuresources"]._processing) == left, timeout=10)
+    assert_index_agrees_with_scan(s)
+    await hold.set()
+    await c.gather([f for wave in waves for f in wave])
+    await async_poll_for(lambda: not s.plugins["gpuresources"]._processing, timeout=10)
+    assert_index_agrees_with_scan(s)
+    # a worker that sets its GPUs again is placed by its new count at once (no tick runs)
+    await workers[1].set_resources(GPU=8)
+    assert_index_agrees_with_scan(s)
+    assert s.plugins["gpuresources"]._least_backlog(80_000) == {s.workers[workers[1].address]}
+    # a worker that leaves leaves the index
+    await workers[0].close()
+    await async_poll_for(lambda: workers[0].address not in s.workers, timeout=10)
+    assert workers[0].address not in s.plugins["gpuresources"]._levels_of
+    assert_index_agrees_with_scan(s)
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 8, {"resources": {"GPU": 1}})],
+    config={"gpuresources.scheduler.rebalance-interval": "1h"},
+)
+async def test_quick_ticks_never_send_an_idle_device_more_than_it_can_run(c, s, a):
+    await gr.install(c)
+    hold = Event()
+    futures = c.map(gpu_task, [0] * 20, hold=hold.name, resources={"GPU": 1}, pure=False)
+    await async_poll_for(lambda: len(a.state.tasks) >= 20, timeout=10)
+    async with Worker(s.address, nthreads=4, resources={"GPU": 2}) as w:
+        plugin = s.plugins["gpuresources"]
+        stealing = s.extensions["stealing"]
+        for _ in range(5):  # ticks in quick succession, before any move has settled
+            plugin.rebalance()
+        thieves = [m["thief"].address for m in stealing.in_flight.values()]
+        assert thieves.count(w.address) == 2, thieves
+        await hold.set()
+        await c.gather(futures)
