@@ -39,14 +39,14 @@ class Placement:
         addr = ws.address
         self._processing[ts.key] = (addr, units)
         load = self._load[addr] = self._load.get(addr, 0) + units
-        self._index(addr, ws)
+        self._stale.add(addr)
         if load > ws.resources.get(GPU, 0) * UNITS:
             self._overloaded.add(addr)
 
     def _add_load(self, addr: str, units: int) -> None:
         load = self._load[addr] = self._load.get(addr, 0) + units
         ws = self.scheduler.workers.get(addr)
-        self._index(addr, ws)
+        self._stale.add(addr)
         if ws is not None and load > ws.resources.get(GPU, 0) * UNITS:
             self._overloaded.add(addr)
         else:
@@ -57,7 +57,7 @@ class Placement:
         if load is None:  # the worker is gone, and its load with it
             return
         load = self._load[addr] = load - units
-        self._index(addr, None)
+        self._stale.add(addr)
         overloaded = self._overloaded
         if not overloaded:
             return
@@ -79,13 +79,20 @@ class Placement:
     # Placement asks, for every GPU task, which workers have the least device backlog. A
     # scan of the valid workers answers in O(workers) Python steps per task (about 30 us at
     # 128 workers, 250 us at 1,000). The index answers from the few distinct levels of free
-    # units instead: capacity -> {free units -> workers}, kept as loads and capacities change
-    # (a worker joining, leaving, or setting its resources again; GPUs refused for overlap).
-    # Every rebalance tick also re-levels any worker whose capacity changed unseen.
+    # units instead: capacity -> {free units -> workers}. A change of load or capacity (a task
+    # entering or leaving processing, a worker joining, leaving, or setting its resources
+    # again, GPUs refused for overlap) only marks its worker stale, a set insertion on the
+    # hot path; the index re-levels the stale workers when placement next asks. Every
+    # rebalance tick also re-levels any worker whose capacity changed unseen.
+
+    def _relevel_stale(self) -> None:
+        stale = self._stale
+        while stale:
+            self._index(stale.pop(), None)
 
     def _index(self, addr: str, ws: Any, *, gone: bool = False) -> None:
         """Put worker ``addr`` at its current level (capacity, free units) in the index, or
-        take it out (``gone``, or no GPUs)."""
+        take it out (``gone``, no longer a worker, or no GPUs)."""
         where = self._levels_of.pop(addr, None)
         if where is not None:
             capacity, free, old = where
@@ -109,8 +116,9 @@ class Placement:
         self._levels.setdefault(capacity, {}).setdefault(free, set()).add(ws)
         self._levels_of[addr] = (capacity, free, ws)
 
-    def _reindex_stale(self) -> None:
+    def _relevel_all(self) -> None:
         """Re-level every worker whose capacity changed without the plugin seeing it."""
+        self._relevel_stale()
         levels_of = self._levels_of
         for addr, ws in self.scheduler.workers.items():
             where = levels_of.get(addr)
@@ -125,6 +133,8 @@ class Placement:
 
     def _least_backlog(self, units: int) -> set | None:
         """The indexed workers with the least backlog for a request of ``units``."""
+        if self._stale:
+            self._relevel_stale()
         best = math.inf
         chosen: list[tuple[int, dict[int, set]]] = []
         for capacity, group in self._levels.items():
@@ -193,7 +203,7 @@ class Placement:
         self._rebalance_soon = False
         self._sync_devices()
         scheduler = self.scheduler
-        self._reindex_stale()
+        self._relevel_all()
         stealing = scheduler.extensions.get("stealing")
         if stealing is None or not self._overloaded:
             return

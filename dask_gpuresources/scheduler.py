@@ -97,9 +97,11 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._workers_to_close: Any = None  # the scheduler's own, while ours stands in
         self._set_resources: Any = None  # the scheduler's set_resources handler, likewise
         self._overloaded: set[str] = set()
-        # placement's index: capacity units -> {free units -> workers}, and each worker's place
+        # placement's index: capacity units -> {free units -> workers}, each worker's place,
+        # and the workers whose place is to be updated before the index answers
         self._levels: dict[int, dict[int, set]] = {}
         self._levels_of: dict[str, tuple[int, int, Any]] = {}
+        self._stale: set[str] = set()
         self._rebalance_soon = False
         self._rebalancer: PeriodicCallback | None = None
         self._placement = False
@@ -287,6 +289,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
     ) -> None:
         """Forget the worker's GPU load and devices; its leases died with it."""
         self._load.pop(worker, None)
+        self._stale.discard(worker)
         self._index(worker, None, gone=True)
         self._overloaded.discard(worker)
         self._refused.pop(worker, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import time
 import weakref
@@ -17,7 +18,7 @@ from fractions import Fraction
 import dask
 import pytest
 from distributed import Client, Event, LocalCluster, Reschedule, Worker, WorkerPlugin
-from distributed.utils_test import async_poll_for, gen_cluster
+from distributed.utils_test import async_poll_for, captured_logger, gen_cluster
 
 import dask_gpuresources as gr
 from dask_gpuresources.exceptions import DeviceCountError
@@ -155,6 +156,54 @@ def test_no_task_starts_on_a_cancelled_actors_device_while_its_instance_lives():
             started_while_alive = worker.plugins["watch-starts"].starts[task.key]
     assert len(_instances) == 1  # the constructor did finish
     assert not started_while_alive
+
+
+_kept: list = []  # strong references: instances something else keeps alive
+
+
+class KeptInstance:
+    """Constructs once the Event ``name`` is set, and stays referenced from ``_kept``."""
+
+    def __init__(self, name):
+        Event(name).wait(TIMEOUT)
+        _kept.append(self)
+
+
+def test_a_cancelled_actors_instance_kept_alive_gives_its_device_back_after_the_limit(
+    monkeypatch,
+):
+    # The devices of a constructor that finished after its cancel stay held while its
+    # instance lives; one that something keeps alive for good must not hold them forever.
+    from dask_gpuresources import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "LINGER_LIMIT", 1.0)
+    _kept.clear()
+    logger = logging.getLogger("distributed.gpuresources")
+    with LocalCluster(
+        n_workers=1,
+        processes=False,
+        threads_per_worker=2,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+    ) as cluster:
+        with Client(cluster) as client, captured_logger(logger) as log:
+            gr.install(client)
+            (worker,) = cluster.workers.values()
+            actor = client.submit(KeptInstance, "ctor-kept", actor=True, resources={"GPU": 1})
+            _wait_until(lambda: _is_executing(client, actor.key))
+            client.cancel(actor)
+            task = client.submit(ids, resources={"GPU": 1}, pure=False)
+            _wait_until(lambda: task.key in worker.state.tasks)
+            started = time.monotonic()
+            Event("ctor-kept", client=client).set()  # the constructor returns after the cancel
+            assert task.result(timeout=TIMEOUT) == [0]
+            waited = time.monotonic() - started
+            (table,) = gr.allocations(client).values()
+            assert table == {0: {}}
+        assert len(_kept) == 1  # still alive: only the limit gave the device back
+        assert waited >= 0.9, waited
+        assert "still referenced after 1 s; its GPUs are given back now" in log.getvalue()
+    _kept.clear()
 
 
 def _is_executing(client, key):
