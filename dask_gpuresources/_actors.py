@@ -52,6 +52,7 @@ class ActorHost:
         self._turn = asyncio.Condition()
         self._io = asyncio.Lock()  # one call at a time in an isolated actor's child
         self._early = 0  # calls waiting for an earlier one from the same caller
+        self._starting = 0  # calls whose task has not yet asked for the child's lock
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"actor-{key}")
         self._instance: Any = None
         self._child: Any = None
@@ -104,12 +105,16 @@ class ActorHost:
                 actor=self.key,
             )
             if self._child is not None:
-                # The child's lock must be asked for in turn order: awaited right here when
-                # nothing below can suspend first (no task to create and schedule: a loop
-                # iteration off every call), else a task now (tasks start in creation order).
-                direct = self._call_child(context, method, payload)
-                if self._early:
-                    future, direct = asyncio.ensure_future(direct), None
+                # The child's lock must be asked for in turn order. Awaited right here (no
+                # task to create and schedule: a loop iteration off every call) only when
+                # nothing can suspend before it (no call waits for its turn) and no earlier
+                # call's task has yet to ask; else a task now (tasks start in creation
+                # order, and a call asking in place would overtake one not yet started).
+                if self._early or self._starting:
+                    self._starting += 1
+                    future = asyncio.ensure_future(self._call_child(context, method, payload, 1))
+                else:
+                    direct = self._call_child(context, method, payload)
             else:
                 # Submitted before anything else can interleave: calls run in turn order. The
                 # copied context carries the worker, so get_worker() works in the method.
@@ -130,7 +135,10 @@ class ActorHost:
             return await direct
         return await future
 
-    async def _call_child(self, context: TaskContext, method: str, payload: bytes) -> Any:
+    async def _call_child(
+        self, context: TaskContext, method: str, payload: bytes, started: int = 0
+    ) -> Any:
+        self._starting -= started  # a task's first step: it asks for the lock now
         async with self._io:
             return await self._executor.acall_actor(self._child, context, method, payload)
 
