@@ -138,7 +138,9 @@ class ActorHost:
     async def _call_child(
         self, context: TaskContext, method: str, payload: bytes, started: int = 0
     ) -> Any:
-        self._starting -= started  # a task's first step: it asks for the lock now
+        # A task's first step: it asks for the lock now. (A task cancelled before this step
+        # leaves the count above zero: later calls then take the task path, in order.)
+        self._starting -= started
         async with self._io:
             return await self._executor.acall_actor(self._child, context, method, payload)
 

@@ -105,6 +105,17 @@ def test_actor_cancelled_while_constructing_gives_its_gpu_back():
             assert table == {0: {}}
 
 
+def _one_gpu_in_process():
+    """One in-process worker declaring GPU=1, two threads (module state shared with it)."""
+    return LocalCluster(
+        n_workers=1,
+        processes=False,
+        threads_per_worker=2,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+    )
+
+
 _instances: list = []  # weak references to SlowInstance objects (in-process workers)
 
 
@@ -135,13 +146,7 @@ def test_no_task_starts_on_a_cancelled_actors_device_while_its_instance_lives():
     # GPU task start on that device 0.26 ms before the instance was collected.
     _instances.clear()
     watch = WatchStarts()
-    with LocalCluster(
-        n_workers=1,
-        processes=False,
-        threads_per_worker=2,
-        resources={"GPU": 1},
-        dashboard_address=":0",
-    ) as cluster:
+    with _one_gpu_in_process() as cluster:
         with Client(cluster) as client:
             gr.install(client)
             client.register_plugin(watch)
@@ -179,13 +184,7 @@ def test_a_cancelled_actors_instance_kept_alive_gives_its_device_back_after_the_
     monkeypatch.setattr(worker_module, "LINGER_LIMIT", 1.0)
     _kept.clear()
     logger = logging.getLogger("distributed.gpuresources")
-    with LocalCluster(
-        n_workers=1,
-        processes=False,
-        threads_per_worker=2,
-        resources={"GPU": 1},
-        dashboard_address=":0",
-    ) as cluster:
+    with _one_gpu_in_process() as cluster:
         with Client(cluster) as client, captured_logger(logger) as log:
             gr.install(client)
             (worker,) = cluster.workers.values()
