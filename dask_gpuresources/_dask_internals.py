@@ -8,12 +8,18 @@ The tested range of ``distributed`` is pinned in ``pyproject.toml``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib
 import inspect
 from collections.abc import Callable
+from typing import Any
+
+from distributed.protocol import to_serialize
 
 __all__ = [
     "INTERNALS",
+    "actor_caller",
     "missing_internals",
     "count_in_process_memory",
     "register_event_handler",
@@ -57,6 +63,43 @@ def release_actor_proxy(proxy: object) -> None:
         future.release()
 
 
+def actor_caller(proxy: object, method: str) -> Callable[[Any], concurrent.futures.Future]:
+    """A function that calls ``method(arg)`` of the actor behind Dask's ``Actor`` proxy,
+    from any thread but the proxy's event loop, and returns a ``concurrent.futures.Future``.
+
+    Dask's own call (``proxy.method(arg)``) returns an ``ActorFuture`` whose ``result()``
+    goes through ``sync()``: a second hand-off to the event loop, an extra loop iteration
+    and two more tasks per call. This sends the same ``actor_execute`` message from one
+    coroutine and hands its outcome straight to the waiting thread (about 0.1 ms off each
+    call, measured interleaved in one process); ``concurrent.futures.wait`` also works on
+    what it returns. A lost connection is retried once the actor's future settles, then
+    raises ``OSError``, as Dask does.
+    """
+    loop = proxy._io_loop.asyncio_loop  # type: ignore[attr-defined]
+    rpc = proxy._worker_rpc  # type: ignore[attr-defined]
+    key = proxy.key  # type: ignore[attr-defined]
+
+    async def execute(arg: Any) -> Any:
+        try:
+            result = await rpc.actor_execute(
+                function=method, actor=key, args=[to_serialize(arg)], kwargs={}
+            )
+        except OSError:
+            future = proxy._future  # type: ignore[attr-defined]
+            if future is not None and not future.done():
+                await future
+                return await execute(arg)
+            raise OSError("Unable to contact Actor's worker") from None
+        if result["status"] == "OK":
+            return result["result"]
+        raise result["exception"]
+
+    def call(arg: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(execute(arg), loop)
+
+    return call
+
+
 def count_in_process_memory(worker: object, extra: Callable[[], int]) -> Callable[[], None]:
     """Make the memory Dask measures for ``worker`` include ``extra()`` bytes.
 
@@ -90,6 +133,21 @@ def register_event_handler(event: type, handler: object) -> None:
 
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
+    (
+        "distributed.actor",
+        "Actor._worker_rpc",
+        "facade actor calls send actor_execute themselves (actor_caller)",
+    ),
+    (
+        "distributed.actor",
+        "Actor._io_loop",
+        "facade actor calls run their coroutine on the proxy's loop (actor_caller)",
+    ),
+    (
+        "distributed.worker",
+        "Worker.actor_execute",
+        "the message facade actor calls send, and its {'status', 'result'|'exception'} reply",
+    ),
     (
         "distributed.system_monitor",
         "SystemMonitor.get_process_memory",

@@ -329,12 +329,13 @@ class ActorHandle:
         try:
             call = self._proxy_call
             if call is None:
-                call = proxy.call
-                # Dask's proxy builds a fresh wrapper on every attribute access (tens of
-                # microseconds of a call's latency); one serves every call. Not inside an
-                # actor, where the proxy answers differently (a direct local call).
-                if not getattr(thread_state, "actor", False):
-                    self._proxy_call = call
+                if getattr(thread_state, "actor", False):
+                    # inside an actor, where the proxy answers differently (a direct local
+                    # call to an actor of the same worker): Dask's own call
+                    return proxy.call((self._caller, seq, method, payload))
+                # One caller for every call of this handle, answering through a plain
+                # concurrent future (see _dask_internals.actor_caller).
+                call = self._proxy_call = _dask_internals.actor_caller(proxy, "call")
             return call((self._caller, seq, method, payload))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
             return Failed(ActorDiedError(self._key, proxy._address, str(exc)))
