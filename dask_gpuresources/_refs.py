@@ -112,9 +112,10 @@ def has_refs(value: Any) -> bool:
 
 
 def dumps(value: Any) -> bytes:
-    import cloudpickle
+    """An actor call's ``(args, kwargs)`` as one pickle (unpickled where the method runs)."""
+    from ._wire import pickled
 
-    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return pickled(value)
 
 
 def values_of(value: Any) -> Any:

@@ -113,3 +113,41 @@ def test_init_after_shutdown_behaves_as_the_first():
         assert gr.get(gr.remote(lambda: 1).remote(), timeout=30) == 1
     finally:
         gr.shutdown()
+
+
+def test_a_scripts_own_classes_and_lambdas_reach_an_isolated_actor(tmp_path):
+    # What a driver script defines lives in its __main__, which the worker and the actor's
+    # child process cannot import: such arguments must travel by value.
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import dask_gpuresources as ray
+
+            class Point:
+                def __init__(self, x):
+                    self.x = x
+
+            ray.init(num_gpus=1, dashboard=False)
+
+            @ray.remote(num_gpus=1)
+            class A:
+                def use(self, p, f, xs):
+                    return p.x + f(2) + sum(xs)
+
+                def x(self, p):
+                    return p.x
+
+            a = A.remote()
+            print(ray.get(a.x.remote(Point(7)), timeout=60))  # a class of the script alone
+            print(ray.get(a.use.remote(Point(1), lambda v: v * 10, [1, 2]), timeout=60))
+            ray.shutdown()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["7", "24"], out.stdout
