@@ -279,7 +279,7 @@ class OverlapChecks:
             return
         ws.resources[GPU] = value
         self.scheduler.resources.setdefault(GPU, {})[addr] = value
-        self._index(addr, ws)
+        self._stale.add(addr)
 
     def _restore_gpus(self, addr: str) -> None:
         capacity = self._refused.pop(addr, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,19 +81,22 @@ class Placement:
     # scan of the valid workers answers in O(workers) Python steps per task (about 30 us at
     # 128 workers, 250 us at 1,000). The index answers from the few distinct levels of free
     # units instead: capacity -> {free units -> workers}. A change of load or capacity (a task
-    # entering or leaving processing, a worker joining, leaving, or setting its resources
-    # again, GPUs refused for overlap) only marks its worker stale, a set insertion on the
-    # hot path; the index re-levels the stale workers when placement next asks. Every
-    # rebalance tick also re-levels any worker whose capacity changed unseen.
+    # entering or leaving processing, a worker joining or setting its resources again, GPUs
+    # refused for overlap) only marks its worker stale, a set insertion on the hot path; the
+    # index re-levels the stale workers when placement next asks. A worker that leaves is
+    # taken out at once. Every rebalance tick also re-levels any worker whose capacity
+    # changed unseen.
 
     def _relevel_stale(self) -> None:
+        workers = self.scheduler.workers
         stale = self._stale
         while stale:
-            self._index(stale.pop(), None)
+            addr = stale.pop()
+            self._index(addr, workers.get(addr))
 
-    def _index(self, addr: str, ws: Any, *, gone: bool = False) -> None:
+    def _index(self, addr: str, ws: Any) -> None:
         """Put worker ``addr`` at its current level (capacity, free units) in the index, or
-        take it out (``gone``, no longer a worker, or no GPUs)."""
+        take it out (``ws`` None: no longer a worker; or no GPUs)."""
         where = self._levels_of.pop(addr, None)
         if where is not None:
             capacity, free, old = where
@@ -103,12 +107,8 @@ class Placement:
                 del group[free]
                 if not group:
                     del self._levels[capacity]
-        if gone:
-            return
         if ws is None:
-            ws = self.scheduler.workers.get(addr) if self.scheduler is not None else None
-            if ws is None:
-                return
+            return
         capacity = round(ws.resources.get(GPU, 0) * UNITS)
         if capacity <= 0:
             return
@@ -118,36 +118,38 @@ class Placement:
 
     def _relevel_all(self) -> None:
         """Re-level every worker whose capacity changed without the plugin seeing it."""
-        self._relevel_stale()
         levels_of = self._levels_of
-        for addr, ws in self.scheduler.workers.items():
+        workers = self.scheduler.workers
+        stale = self._stale
+        for addr, ws in workers.items():
             where = levels_of.get(addr)
             capacity = round(ws.resources.get(GPU, 0) * UNITS)
             if where is None:
                 if capacity > 0:
-                    self._index(addr, ws)
+                    stale.add(addr)
             elif where[0] != capacity or where[2] is not ws:
-                self._index(addr, ws)
-        for addr in [a for a in levels_of if a not in self.scheduler.workers]:
-            self._index(addr, None, gone=True)
+                stale.add(addr)
+        stale.update(a for a in levels_of if a not in workers)
+        self._relevel_stale()
 
     def _least_backlog(self, units: int) -> set | None:
         """The indexed workers with the least backlog for a request of ``units``."""
         if self._stale:
             self._relevel_stale()
         best = math.inf
-        chosen: list[tuple[int, dict[int, set]]] = []
+        chosen: list[tuple[int, dict[int, set]]] = []  # (top free level, its group)
         for capacity, group in self._levels.items():
-            ahead = units - max(group)
+            top = max(group)
+            ahead = units - top
             backlog = ahead / capacity if ahead > 0 else 0.0
             if backlog < best:
-                best, chosen = backlog, [(capacity, group)]
+                best, chosen = backlog, [(top, group)]
             elif backlog == best:
-                chosen.append((capacity, group))
+                chosen.append((top, group))
         if not chosen:
             return None
         if best > 0:  # every device busy: the workers at each group's top level
-            return set().union(*(group[max(group)] for _, group in chosen))
+            return set().union(*(group[top] for top, group in chosen))
         # devices free: every worker that fits the request now
         return set().union(
             *(members for _, group in chosen for free, members in group.items() if free >= units)
@@ -282,8 +284,7 @@ class Placement:
         return incoming
 
 
-def _priority(ts: Any) -> Any:
-    return ts.priority
+_priority = operator.attrgetter("priority")
 
 
 def _last_to_run(processing: set, ours: dict) -> Iterator[Any]:

@@ -24,6 +24,7 @@ import distributed
 from distributed import Client, Future
 
 from . import _context, _runtime
+from ._wire import pickled
 from .exceptions import ActorDiedError, GetTimeoutError, TaskCancelledError
 
 logger = logging.getLogger("dask_gpuresources.api")
@@ -113,8 +114,6 @@ def has_refs(value: Any) -> bool:
 
 def dumps(value: Any) -> bytes:
     """An actor call's ``(args, kwargs)`` as one pickle (unpickled where the method runs)."""
-    from ._wire import pickled
-
     return pickled(value)
 
 

@@ -251,7 +251,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             scheduler.remove_resources(worker)
             ws.resources[GPU] = ws.resources.pop("gpu")
             scheduler.add_resources(worker)
-        self._index(worker, ws)
+        self._stale.add(worker)
         # Devices reported before the worker was added (a plugin set up before it
         # registered), or in the metrics it registered with.
         if worker in self._devices:
@@ -262,9 +262,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
     def set_resources(self, worker: str, resources: dict | None = None) -> Any:
         """Dask's ``set_resources`` handler, then the worker's new capacity in placement."""
         result = self._set_resources(worker=worker, resources=resources)
-        ws = self.scheduler.workers.get(worker)
-        if ws is not None:
-            self._index(worker, ws)
+        self._stale.add(worker)
         return result
 
     def workers_to_close(self, *args: Any, attribute: str = "address", **kwargs: Any) -> list:
@@ -290,7 +288,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         """Forget the worker's GPU load and devices; its leases died with it."""
         self._load.pop(worker, None)
         self._stale.discard(worker)
-        self._index(worker, None, gone=True)
+        self._index(worker, None)  # out of placement's index
         self._overloaded.discard(worker)
         self._refused.pop(worker, None)
         record = self._devices.pop(worker, None)
