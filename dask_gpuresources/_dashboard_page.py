@@ -27,7 +27,7 @@ from bokeh.palettes import Blues9
 from bokeh.plotting import figure
 from distributed.dashboard.components import DashboardComponent
 
-from .dashboard import COLORS, LABELS, ROUTE, TITLE
+from ._dashboard_names import COLORS, LABELS, ROUTE, TITLE
 
 __all__ = ["DeviceBars", "DeviceGrid", "GPUAllocations", "HolderTable", "make_application"]
 

@@ -27,12 +27,15 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ._dashboard_names import COLORS, INSTALL_HINT, LABELS, PAGE, ROUTE, TITLE
+
 if TYPE_CHECKING:  # loaded on first use (module __getattr__ below)
     from ._dashboard_page import DeviceBars, DeviceGrid, GPUAllocations, HolderTable
 
 __all__ = [
     "COLORS",
     "INSTALL_HINT",
+    "LABELS",
     "PAGE",
     "ROUTE",
     "TITLE",
@@ -46,25 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("distributed.gpuresources")
-
-PAGE = "gpu-allocations"
-ROUTE = "/" + PAGE
-#: the page's name in the dashboard's navigation bar and in its browser tab
-TITLE = "GPU allocations"
-INSTALL_HINT = "pip install bokeh prometheus_client"
-#: the legend: who holds a segment of a device, and what a device's bar is drawn over
-COLORS = {
-    "task": "#1f77b4",
-    "actor": "#ff7f0e",
-    "free": "#d9d9d9",
-    "overlap": "#d62728",  # the device is handed out by another worker of the host as well
-}
-LABELS = {
-    "task": "task",
-    "actor": "actor",
-    "free": "free",
-    "overlap": "also handed out by another worker",
-}
 
 _COMPONENTS = {"GPUAllocations", "DeviceGrid", "DeviceBars", "HolderTable"}
 # scheduler -> the Bokeh application serving the page there
