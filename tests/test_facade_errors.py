@@ -1,0 +1,50 @@
+"""The facade's errors, contexts and init's cluster, tried as a user would (issue 20, items 8,
+9, 10 and 12): every cluster here is ``init()``'s, whose workers are separate processes."""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import distributed
+import pytest
+
+import dask_gpuresources as gr
+
+
+@pytest.fixture
+def cluster():
+    """``init()``'s cluster with 2 GPUs in one worker process; shut down after the test."""
+    gr.init(num_gpus=2, dashboard=False)
+    try:
+        yield distributed.default_client()
+    finally:
+        gr.shutdown()
+
+
+@gr.remote(num_gpus=1)
+def gpu_ids():
+    return gr.get_gpu_ids()
+
+
+@gr.remote(num_gpus=1, isolation="thread")
+def crash():
+    os._exit(3)
+
+
+def test_init_cluster_survives_restart_and_a_crashing_task():
+    # One try per task: the crash fails at once, rather than after killing four workers.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        gr.init(num_gpus=2, dashboard=False)
+    try:
+        client = distributed.default_client()
+        assert gr.get(gpu_ids.remote(), timeout=60) in ([0], [1])
+        client.restart(timeout=60)
+        assert gr.get(gpu_ids.remote(), timeout=60) in ([0], [1])
+        with pytest.raises(distributed.KilledWorker):
+            gr.get(crash.remote(), timeout=60)
+        client.wait_for_workers(1, timeout=60)
+        assert gr.get(gpu_ids.remote(), timeout=60) in ([0], [1])
+        assert gr.cluster_resources()["GPU"] == 2
+    finally:
+        gr.shutdown()
