@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import dask
 import distributed
@@ -48,3 +50,40 @@ def test_init_cluster_survives_restart_and_a_crashing_task():
         assert gr.cluster_resources()["GPU"] == 2
     finally:
         gr.shutdown()
+
+
+@gr.remote(num_gpus=1, isolation="thread")
+class Slow:
+    def __init__(self, seconds=0):
+        time.sleep(seconds)
+
+    def pid(self):
+        return os.getpid()
+
+    def wait(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def fail(self):
+        raise ValueError("boom from the actor")
+
+
+def test_calls_on_an_actor_killed_in_its_constructor_raise_actor_died(cluster):
+    actor = Slow.remote(3)
+    early = actor.pid.remote()  # waits for the constructor
+    gr.kill(actor)
+    for ref in (early, actor.pid.remote()):
+        with pytest.raises(gr.ActorDiedError, match="killed before its constructor returned"):
+            gr.get(ref, timeout=30)
+
+
+def test_calls_on_an_actor_whose_worker_died_raise_promptly_naming_the_worker(cluster):
+    actor = Slow.remote()
+    pid = gr.get(actor.pid.remote(), timeout=60)
+    (address,) = cluster.scheduler_info()["workers"]
+    running = actor.wait.remote(60)
+    os.kill(pid, signal.SIGKILL)
+    # Dask's connect timeout is 30 s: a call that waits for it runs out of this bound.
+    for ref in (running, actor.pid.remote()):
+        with pytest.raises(gr.ActorDiedError, match=f"on worker {address} .*its worker died"):
+            gr.get(ref, timeout=10)
