@@ -26,6 +26,7 @@ __all__ = [
     "count_in_process_memory",
     "register_event_handler",
     "release_actor_proxy",
+    "running_actor_key",
     "set_worker_extension",
     "set_worker_handler",
     "worker_extension",
@@ -159,6 +160,31 @@ def actor_caller(
     return call
 
 
+def running_actor_key(worker: object) -> object | None:
+    """The key of the plain Dask actor whose method runs on this thread, or None.
+
+    Dask runs a sync actor method in its ``actor`` executor through ``_run_actor(func, ...)``
+    and records only ``"Class.method"`` as the thread's key, not the actor's own key: the
+    actor is the bound method's instance, found among the worker's live actors.
+    """
+    from distributed.worker import _run_actor
+
+    code = _run_actor.__code__
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    instance = getattr(frame.f_locals.get("func"), "__self__", None)
+    del frame
+    if instance is None:
+        return None
+    for key, actor in worker.state.actors.items():  # type: ignore[attr-defined]
+        if actor is instance:
+            return key
+    return None
+
+
 def count_in_process_memory(worker: object, extra: Callable[[], int]) -> Callable[[], None]:
     """Make the memory Dask measures for ``worker`` include ``extra()`` bytes.
 
@@ -192,6 +218,17 @@ def register_event_handler(event: type, handler: object) -> None:
 
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
+    (
+        "distributed.worker",
+        "_run_actor",
+        "get_gpu_ids() in a plain Dask actor's method finds the actor by the method that "
+        "_run_actor(func, ...) runs (running_actor_key)",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.actors",
+        "the worker's live actors by key (running_actor_key)",
+    ),
     (
         "distributed.actor",
         "Actor._address",

@@ -87,3 +87,14 @@ def test_calls_on_an_actor_whose_worker_died_raise_promptly_naming_the_worker(cl
     for ref in (running, actor.pid.remote()):
         with pytest.raises(gr.ActorDiedError, match=f"on worker {address} .*its worker died"):
             gr.get(ref, timeout=10)
+
+
+class PlainHolder:
+    def ids(self):
+        return gr.get_gpu_ids()
+
+
+def test_get_gpu_ids_in_a_plain_dask_actors_method_returns_its_devices(cluster):
+    first = cluster.submit(PlainHolder, actor=True, resources={"GPU": 1}).result(timeout=60)
+    second = cluster.submit(PlainHolder, actor=True, resources={"GPU": 1}).result(timeout=60)
+    assert sorted(first.ids().result(timeout=60) + second.ids().result(timeout=60)) == [0, 1]
