@@ -27,7 +27,16 @@ from distributed import Future
 from distributed.worker import thread_state
 
 from . import _config, _dask_internals, _runtime
-from ._refs import Failed, ObjectRef, dumps, has_refs, original_error, unwrap, values_of
+from ._refs import (
+    Failed,
+    ObjectRef,
+    dumps,
+    has_refs,
+    original_error,
+    unwrap,
+    values_of,
+    waits,
+)
 from ._requests import check_facade_options
 from .exceptions import ActorDiedError, InfeasibleRequestError
 
@@ -186,7 +195,11 @@ class RemoteFunction:
         key = _key(opts.name or self._function.__name__)
         _check_feasible(key, opts)
         ref = ObjectRef(Future(key, _runtime.current.client), key)
-        _runtime.current.batcher.add(self._function, unwrap(args), unwrap(kwargs), ref, opts)
+        batcher = _runtime.current.batcher
+        if waits((args, kwargs)):  # an actor call's value: sent once it is known
+            batcher.add_when_ready(self._function, args, kwargs, ref, opts)
+        else:
+            batcher.add(self._function, unwrap(args), unwrap(kwargs), ref, opts)
         return ref
 
 

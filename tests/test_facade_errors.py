@@ -67,6 +67,9 @@ class Slow:
     def fail(self):
         raise ValueError("boom from the actor")
 
+    def gate(self, name):
+        return distributed.Event(name).wait(20)  # False when nobody set it in time
+
 
 def test_calls_on_an_actor_killed_in_its_constructor_raise_actor_died(cluster):
     actor = Slow.remote(3)
@@ -98,3 +101,23 @@ def test_get_gpu_ids_in_a_plain_dask_actors_method_returns_its_devices(cluster):
     first = cluster.submit(PlainHolder, actor=True, resources={"GPU": 1}).result(timeout=60)
     second = cluster.submit(PlainHolder, actor=True, resources={"GPU": 1}).result(timeout=60)
     assert sorted(first.ids().result(timeout=60) + second.ids().result(timeout=60)) == [0, 1]
+
+
+@gr.remote
+def identity(x):
+    return x
+
+
+def test_a_task_on_an_actor_calls_ref_is_sent_without_waiting_and_fails_with_it(cluster):
+    actor = Slow.remote()
+    gr.get(actor.pid.remote(), timeout=60)
+    # .remote() must return while the actor call still waits for this event: were it to
+    # wait for the call, the event would be set too late and the call would answer False.
+    ref = identity.remote([actor.gate.remote("item-10")])
+    distributed.Event("item-10").set()
+    assert gr.get(ref, timeout=60) == [True]
+    failing = identity.remote(actor.fail.remote())  # raises nothing here
+    after = identity.remote(failing)
+    for ref in (failing, after):
+        with pytest.raises(ValueError, match="boom from the actor"):
+            gr.get(ref, timeout=60)
