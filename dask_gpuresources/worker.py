@@ -747,7 +747,11 @@ def _running_task() -> tuple[Any, Hashable]:
     except ValueError:
         raise NoLeaseError(
             "get_gpu_ids() was called outside a Dask task; call it inside a function you "
-            "submit, e.g. client.submit(train, resources={'GPU': 1})"
+            "submit, e.g. client.submit(train, resources={'GPU': 1}). In a thread that a "
+            "task started (Python threads do not inherit the task's context), call it in "
+            "the task and pass the ids on; a remote function's thread may instead start with "
+            "contextvars.copy_context().run, e.g. threading.Thread(target="
+            "contextvars.copy_context().run, args=(work,))"
         ) from None
     key = getattr(thread_state, "key", None)
     if key is not None and getattr(thread_state, "actor", False):

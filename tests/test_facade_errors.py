@@ -121,3 +121,31 @@ def test_a_task_on_an_actor_calls_ref_is_sent_without_waiting_and_fails_with_it(
     for ref in (failing, after):
         with pytest.raises(ValueError, match="boom from the actor"):
             gr.get(ref, timeout=60)
+
+
+@gr.remote(num_gpus=1, isolation="thread")
+def ids_in_threads():
+    import contextvars
+    import threading
+
+    answers = {}
+
+    def ask(name):
+        try:
+            answers[name] = gr.get_gpu_ids()
+        except gr.NoLeaseError as exc:
+            answers[name] = str(exc)
+
+    copied = threading.Thread(target=contextvars.copy_context().run, args=(ask, "copied"))
+    plain = threading.Thread(target=ask, args=("plain",))
+    for thread in (copied, plain):
+        thread.start()
+        thread.join(30)
+    return gr.get_gpu_ids(), answers
+
+
+def test_get_gpu_ids_in_a_thread_a_thread_mode_task_started(cluster):
+    ids, answers = gr.get(ids_in_threads.remote(), timeout=60)
+    assert len(ids) == 1
+    assert answers["copied"] == ids  # a thread in a copy of the task's context
+    assert "contextvars.copy_context().run" in answers["plain"]  # says why and how
