@@ -149,3 +149,23 @@ def test_get_gpu_ids_in_a_thread_a_thread_mode_task_started(cluster):
     assert len(ids) == 1
     assert answers["copied"] == ids  # a thread in a copy of the task's context
     assert "contextvars.copy_context().run" in answers["plain"]  # says why and how
+
+
+def _lease_size(block):
+    import numpy as np
+
+    return np.full(block.shape, len(gr.get_gpu_ids()))  # distinct dtypes below: distinct keys
+
+
+def test_annotated_dask_array_blocks_hold_a_gpu_as_the_quickstart_says(cluster):
+    import dask.array as da
+
+    with dask.annotate(resources={"GPU": 1}):
+        fused = da.ones(8, chunks=2).map_blocks(_lease_size, dtype=int)
+    # What the docs warn of: the default optimization drops the annotation (plain Dask too).
+    assert fused.compute().tolist() == [0] * 8
+    with dask.annotate(resources={"GPU": 1}):
+        kept = da.ones(8, chunks=2).map_blocks(_lease_size, dtype="int32")
+    assert kept.compute(optimize_graph=False).tolist() == [1] * 8
+    whole = da.ones(8, chunks=2).map_blocks(_lease_size, dtype=float)
+    assert cluster.compute(whole, resources={"GPU": 1}).result(timeout=60).tolist() == [1] * 8
