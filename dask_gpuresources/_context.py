@@ -144,7 +144,38 @@ def invoke(function: Any, args: tuple, kwargs: dict) -> Any:
     Kept here, in a module that loads no Dask, so that an isolated child unpickles it
     without importing ``distributed``. An ``async def`` function runs to completion on an
     event loop of its own (the task's thread, or the isolated child, runs none).
+
+    In the worker's thread pool the task's lease is also set as the context variable
+    ``get_gpu_ids()`` reads, so that a thread the function starts in a copy of its context
+    (``threading.Thread(target=contextvars.copy_context().run, args=(work,))``) answers
+    for the task. Python threads do not copy it by themselves.
     """
+    if current() is None:
+        context = _thread_task_context()
+        if context is not None:
+            with use(context):
+                return _call(function, args, kwargs)
+    return _call(function, args, kwargs)
+
+
+def _thread_task_context() -> TaskContext | None:
+    """The running thread-pool task as a TaskContext, or None where there is no lease to
+    find (a worker without the plugin)."""
+    global _lookup
+    if _lookup is None:
+        from .worker import lease_of_running_task as _lookup
+    from .exceptions import NoLeaseError
+
+    try:
+        plugin, key = _lookup()
+    except NoLeaseError:
+        return None
+    address = plugin.worker.address
+    ids, tokens = tuple(plugin.ids_for(key)), tuple(plugin.tokens_for(key))
+    return TaskContext(key, ids, tokens, address)
+
+
+def _call(function: Any, args: tuple, kwargs: dict) -> Any:
     result = function(*args, **kwargs)
     if inspect.iscoroutine(result):
         import asyncio

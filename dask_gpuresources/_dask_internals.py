@@ -19,11 +19,14 @@ from distributed.protocol import to_serialize
 
 __all__ = [
     "INTERNALS",
+    "actor_address",
     "actor_caller",
+    "actor_status",
     "missing_internals",
     "count_in_process_memory",
     "register_event_handler",
     "release_actor_proxy",
+    "running_actor_key",
     "set_worker_extension",
     "set_worker_handler",
     "worker_extension",
@@ -63,7 +66,26 @@ def release_actor_proxy(proxy: object) -> None:
         future.release()
 
 
-def actor_caller(proxy: object, method: str) -> Callable[[Any], concurrent.futures.Future]:
+def actor_address(proxy: object) -> str | None:
+    """The address of the worker that hosts the actor behind Dask's ``Actor`` proxy."""
+    return getattr(proxy, "_address", None)
+
+
+def actor_status(proxy: object) -> str | None:
+    """The status of the actor's own future as the proxy's client sees it (``"finished"``
+    while it lives; ``"error"`` once its worker is gone or its constructor raised;
+    ``"cancelled"`` once killed), or None where the proxy holds no future (on a worker)."""
+    future = getattr(proxy, "_future", None)
+    return None if future is None else future.status
+
+
+#: How often a call in flight looks whether its actor's worker is gone (see actor_caller).
+ACTOR_WATCH_INTERVAL = 0.1
+
+
+def actor_caller(
+    proxy: object, method: str, gone: Callable[[str], BaseException]
+) -> Callable[[Any], concurrent.futures.Future]:
     """A function that calls ``method(arg)`` of the actor behind Dask's ``Actor`` proxy,
     from any thread but the proxy's event loop, and returns a ``concurrent.futures.Future``.
 
@@ -72,24 +94,62 @@ def actor_caller(proxy: object, method: str) -> Callable[[Any], concurrent.futur
     and two more tasks per call. This sends the same ``actor_execute`` message from one
     coroutine and hands its outcome straight to the waiting thread (about 0.1 ms off each
     call, measured interleaved in one process); ``concurrent.futures.wait`` also works on
-    what it returns. A lost connection is retried once the actor's future settles, then
-    raises ``OSError``, as Dask does.
+    what it returns.
+
+    A dead worker: a call to it would spend Dask's whole connect timeout (30 s) retrying its
+    address. Once the scheduler has marked the actor's future erred or cancelled, a new call
+    fails at once, and calls in flight are ended by one watcher per caller (looking every
+    ``ACTOR_WATCH_INTERVAL`` seconds while calls are in flight, so a call pays only a set
+    insertion); both fail with ``gone(reason)``. A lost connection while the future still
+    looks alive is retried once the future settles, then fails with ``gone`` too.
     """
     loop = proxy._io_loop.asyncio_loop  # type: ignore[attr-defined]
     rpc = proxy._worker_rpc  # type: ignore[attr-defined]
     key = proxy.key  # type: ignore[attr-defined]
+    future = proxy._future  # type: ignore[attr-defined]
+    inflight: set[asyncio.Task] = set()
+    watching: list[asyncio.Task] = []
+    ended: list[str] = []  # why the watcher ended the calls in flight
+
+    def dead() -> str | None:
+        status = None if future is None else future.status
+        if status in ("error", "cancelled", "lost"):
+            return f"its future is {status}"
+        return None
+
+    async def watch() -> None:
+        while inflight:
+            await asyncio.sleep(ACTOR_WATCH_INTERVAL)
+            reason = dead()
+            if reason is not None:
+                ended.append(reason)
+                for task in list(inflight):
+                    task.cancel()
+                return
 
     async def execute(arg: Any) -> Any:
+        reason = dead()
+        if reason is not None:
+            raise gone(reason)
+        task = asyncio.current_task()
+        inflight.add(task)
+        if future is not None and (not watching or watching[0].done()):
+            watching[:] = [asyncio.ensure_future(watch())]
         try:
             result = await rpc.actor_execute(
                 function=method, actor=key, args=[to_serialize(arg)], kwargs={}
             )
+        except asyncio.CancelledError:
+            if ended:
+                raise gone(ended[-1]) from None
+            raise
         except OSError:
-            future = proxy._future  # type: ignore[attr-defined]
             if future is not None and not future.done():
                 await future
                 return await execute(arg)
-            raise OSError("Unable to contact Actor's worker") from None
+            raise gone("Unable to contact Actor's worker") from None
+        finally:
+            inflight.discard(task)
         if result["status"] == "OK":
             return result["result"]
         raise result["exception"]
@@ -98,6 +158,31 @@ def actor_caller(proxy: object, method: str) -> Callable[[Any], concurrent.futur
         return asyncio.run_coroutine_threadsafe(execute(arg), loop)
 
     return call
+
+
+def running_actor_key(worker: object) -> object | None:
+    """The key of the plain Dask actor whose method runs on this thread, or None.
+
+    Dask runs a sync actor method in its ``actor`` executor through ``_run_actor(func, ...)``
+    and records only ``"Class.method"`` as the thread's key, not the actor's own key: the
+    actor is the bound method's instance, found among the worker's live actors.
+    """
+    from distributed.worker import _run_actor
+
+    code = _run_actor.__code__
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    instance = getattr(frame.f_locals.get("func"), "__self__", None)
+    del frame
+    if instance is None:
+        return None
+    for key, actor in worker.state.actors.items():  # type: ignore[attr-defined]
+        if actor is instance:
+            return key
+    return None
 
 
 def count_in_process_memory(worker: object, extra: Callable[[], int]) -> Callable[[], None]:
@@ -133,6 +218,28 @@ def register_event_handler(event: type, handler: object) -> None:
 
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
+    (
+        "distributed.worker",
+        "_run_actor",
+        "get_gpu_ids() in a plain Dask actor's method finds the actor by the method that "
+        "_run_actor(func, ...) runs (running_actor_key)",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.actors",
+        "the worker's live actors by key (running_actor_key)",
+    ),
+    (
+        "distributed.actor",
+        "Actor._address",
+        "the worker a facade actor lives on, named in ActorDiedError (actor_address)",
+    ),
+    (
+        "distributed.actor",
+        "Actor._future",
+        "a proxy's own future on the actor: released with the last handle "
+        "(release_actor_proxy); its status says the actor's worker is gone (actor_caller)",
+    ),
     (
         "distributed.actor",
         "Actor._worker_rpc",
@@ -439,10 +546,14 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
 def _has(obj: object, name: str) -> bool:
     if hasattr(obj, name):
         return True
-    # Slotted attributes and annotated instance attributes are not class attributes.
+    # Slotted attributes and annotated instance attributes are not class attributes, nor
+    # are attributes that only the constructor sets (``self._address = address``).
     if isinstance(obj, type):
         for klass in obj.__mro__:
             if name in getattr(klass, "__slots__", ()) or name in inspect.get_annotations(klass):
+                return True
+            init = klass.__dict__.get("__init__")
+            if name in getattr(getattr(init, "__code__", None), "co_names", ()):
                 return True
     return False
 

@@ -1,9 +1,12 @@
 """The local cluster :func:`dask_gpuresources.init` starts: a scheduler in this process and
 worker processes holding this machine's devices.
 
-Worker processes are started with ``subprocess`` (not ``multiprocessing``, which would
-re-import the user's script) before the scheduler, so that their imports overlap its start;
-:func:`wait_for_workers` watches them and raises with a failed worker's last stderr lines.
+Each local worker is a Dask ``Nanny`` in a process started with ``subprocess`` (not
+``multiprocessing``, which would re-import the user's script) before the scheduler, so that
+its imports overlap the scheduler's start. The Nanny starts the worker and starts it again
+when it dies (a task calling ``os._exit``, the OOM killer) or when ``client.restart()`` asks,
+so the cluster keeps its declared GPUs. :func:`wait_for_workers` watches the processes and
+raises with a failed worker's last stderr lines.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -85,7 +89,7 @@ def _spawn_worker_process(env: dict[str, str] | None = None) -> subprocess.Popen
         stderr=subprocess.PIPE,
         env=_worker_env(env),
     )
-    process.stderr_tail = collections.deque(maxlen=20)
+    process.stderr_tail = collections.deque(maxlen=200)
     threading.Thread(
         target=_tee, args=(process,), name=f"worker-stderr-{process.pid}", daemon=True
     ).start()
@@ -139,7 +143,17 @@ def _tail(process: subprocess.Popen) -> str:
             break
         time.sleep(0.02)
     lines = list(getattr(process, "stderr_tail", ()))
-    return "\n".join(f"    {line}" for line in lines) or "    (nothing)"
+    # A Nanny's failure to start its worker ends in a long chained traceback: the error that
+    # caused it sits far above the last lines, so name every error line first.
+    errors = list(dict.fromkeys(line.strip() for line in lines if _ERROR_LINE.match(line)))
+    shown = [f"    {line}" for line in errors[:5]]
+    if shown:
+        shown.append("    ...")
+    shown.extend(f"    {line}" for line in lines[-20:])
+    return "\n".join(shown) if lines else "    (nothing)"
+
+
+_ERROR_LINE = re.compile(r"\s*[\w.]*(Error|Exception|Interrupt)\b[^ ]*: ")
 
 
 def _abandon(process: subprocess.Popen) -> None:
@@ -180,7 +194,7 @@ def tls_config(security: Any) -> dict[str, Any]:
 
 
 class _WorkerProcess(SubprocessWorker):
-    """A local worker in a process of its own (``dask spec``, run by ``_local_worker``).
+    """A local worker's Nanny in a process of its own (``dask spec``, run by ``_local_worker``).
 
     Not ``multiprocessing``: a spawned worker would re-import the user's script (Ray's
     page runs ``init()`` at module level, with no ``if __name__ == "__main__"`` guard).
@@ -229,7 +243,7 @@ class _WorkerProcess(SubprocessWorker):
         process = self.process
         if process is not None and process.poll() is None:
             process.terminate()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 10  # the Nanny ends its worker, then itself
             while process.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             if process.poll() is None:
@@ -282,7 +296,7 @@ def _local_cluster(
         workers[f"gpu-worker-{i}"] = {
             "cls": _WorkerProcess,
             "options": {
-                "worker_class": "distributed.Worker",
+                "worker_class": "distributed.Nanny",
                 "worker_kwargs": kwargs,
                 "env": env,
                 "security": security,

@@ -52,11 +52,14 @@ class ObjectRef:
     resolved before the call runs, also inside lists and dicts).
     """
 
-    __slots__ = ("_future", "_id")
+    __slots__ = ("_future", "_id", "_sent")
 
     def __init__(self, future: Any, id: str) -> None:
         self._future = future
         self._id = id
+        # For a call that waits for actor calls' values before it is sent: set once it was
+        # handed to the sender (or failed); None for every other ref.
+        self._sent: threading.Event | None = None
 
     @property
     def future(self) -> Any:
@@ -99,6 +102,35 @@ def unwrap(value: Any) -> Any:
     if type(value) is dict:
         return {k: unwrap(v) for k, v in value.items()}
     return value
+
+
+def waits(value: Any) -> bool:
+    """Whether ``value`` holds a ref that a task cannot depend on yet: an actor call not yet
+    answered, or a call still waiting to be sent (see :meth:`Batcher.add_when_ready`)."""
+    if isinstance(value, ObjectRef):
+        if value._sent is not None:
+            return not value._sent.is_set()
+        return not isinstance(value._future, Future) and not value._future.done()
+    if type(value) in (list, tuple, set, frozenset):
+        return any(waits(v) for v in value)
+    if type(value) is dict:
+        return any(waits(v) for v in value.values())
+    return False
+
+
+def _wait_for(value: Any) -> None:
+    """Block until :func:`waits` is false for ``value`` (actor calls' errors propagate)."""
+    if isinstance(value, ObjectRef):
+        if value._sent is not None:
+            value._sent.wait()
+        elif not isinstance(value._future, Future):
+            value._future.result()
+    elif type(value) in (list, tuple, set, frozenset):
+        for v in value:
+            _wait_for(v)
+    elif type(value) is dict:
+        for v in value.values():
+            _wait_for(v)
 
 
 def has_refs(value: Any) -> bool:
@@ -346,6 +378,47 @@ class Batcher:
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="remote-batcher", daemon=True)
         self.thread.start()
+        self.waiting: concurrent.futures.ThreadPoolExecutor | None = None  # add_when_ready
+
+    def add_when_ready(
+        self, function: Callable, args: tuple, kwargs: dict, ref: ObjectRef, opts: Any
+    ) -> None:
+        """:meth:`add` the call once the actor calls among its arguments have answered, from
+        a thread of the sender's (``.remote()`` returns at once, as in Ray). An actor call
+        that failed fails ``ref`` with its error, and the tasks that depend on ``ref`` too.
+
+        Order: a call waits here for the calls it depends on to be handed to the sender
+        (their ``_sent``); calls start waiting in the order they were made, so a pool of
+        threads never waits on a call that has no thread.
+        """
+        ref._sent = threading.Event()
+        with self.lock:
+            if self.closed:
+                raise RuntimeError(
+                    "dask_gpuresources was shut down; call init() again before .remote()"
+                )
+            if self.waiting is None:
+                self.waiting = concurrent.futures.ThreadPoolExecutor(
+                    self.WAITING_THREADS, thread_name_prefix="remote-waiting"
+                )
+            self.waiting.submit(self._add_when_ready, function, args, kwargs, ref, opts)
+
+    WAITING_THREADS = 32
+
+    def _add_when_ready(
+        self, function: Callable, args: tuple, kwargs: dict, ref: ObjectRef, opts: Any
+    ) -> None:
+        try:
+            try:
+                _wait_for((args, kwargs))
+                args, kwargs = unwrap(args), unwrap(kwargs)
+            except BaseException as exc:
+                self._fail(ref, exc)
+                return
+            with contextlib.suppress(RuntimeError):  # shut down meanwhile: nothing to send
+                self.add(function, args, kwargs, ref, opts)
+        finally:
+            ref._sent.set()
 
     def add(self, function: Callable, args: tuple, kwargs: dict, ref: ObjectRef, opts: Any):
         with self.lock:
@@ -451,6 +524,9 @@ class Batcher:
         with self.lock:
             self.closed = True
             self.wake.notify()
+            waiting = self.waiting
+        if waiting is not None:  # calls still waiting for actor calls are dropped
+            waiting.shutdown(wait=False, cancel_futures=True)
         self.thread.join(timeout=10)
 
 

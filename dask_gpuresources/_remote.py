@@ -27,7 +27,16 @@ from distributed import Future
 from distributed.worker import thread_state
 
 from . import _config, _dask_internals, _runtime
-from ._refs import Failed, ObjectRef, dumps, has_refs, original_error, unwrap, values_of
+from ._refs import (
+    Failed,
+    ObjectRef,
+    dumps,
+    has_refs,
+    original_error,
+    unwrap,
+    values_of,
+    waits,
+)
 from ._requests import check_facade_options
 from .exceptions import ActorDiedError, InfeasibleRequestError
 
@@ -186,7 +195,11 @@ class RemoteFunction:
         key = _key(opts.name or self._function.__name__)
         _check_feasible(key, opts)
         ref = ObjectRef(Future(key, _runtime.current.client), key)
-        _runtime.current.batcher.add(self._function, unwrap(args), unwrap(kwargs), ref, opts)
+        batcher = _runtime.current.batcher
+        if waits((args, kwargs)):  # an actor call's value: sent once it is known
+            batcher.add_when_ready(self._function, args, kwargs, ref, opts)
+        else:
+            batcher.add(self._function, unwrap(args), unwrap(kwargs), ref, opts)
         return ref
 
 
@@ -290,10 +303,33 @@ class ActorHandle:
         return _ActorMethod(self, name)
 
     def _status_error(self) -> ActorDiedError | None:
+        """ActorDiedError when the actor's future says it is gone, else None."""
         status = self._future.status
         if status not in ("error", "cancelled", "lost"):
             return None
-        return ActorDiedError(self._key, getattr(self._proxy, "_address", None), f"status {status}")
+        return self._died(status)
+
+    def _died(self, status: str, cause: BaseException | None = None) -> ActorDiedError:
+        """The error for calls on this actor, gone with its future in ``status`` (Dask's
+        future statuses, or ``"unreachable"``: its worker does not answer)."""
+        proxy = self._proxy
+        worker = _dask_internals.actor_address(proxy) if proxy is not None else None
+        if status == "cancelled":
+            reason = "it was killed" if self._killed else "it was cancelled"
+            if proxy is None:
+                reason += " before its constructor returned"
+        elif proxy is not None or status in ("lost", "unreachable"):
+            # a constructed actor's future errs only when Dask lost its worker
+            reason = "its worker died"
+        else:
+            if cause is None:
+                with contextlib.suppress(Exception):
+                    cause = self._future.exception(timeout=5)
+            if _worker_lost(cause):
+                reason = "its worker died while it was being constructed"
+            else:
+                reason = f"its constructor raised {type(cause).__name__}: {cause}"
+        return ActorDiedError(self._key, worker, reason)
 
     def _call(self, method: str, args: tuple, kwargs: dict) -> ObjectRef:
         call_id = f"{self._key}.{method}"
@@ -335,16 +371,26 @@ class ActorHandle:
                     return proxy.call((self._caller, seq, method, payload))
                 # One caller for every call of this handle, answering through a plain
                 # concurrent future (see _dask_internals.actor_caller).
-                call = self._proxy_call = _dask_internals.actor_caller(proxy, "call")
+                call = self._proxy_call = _dask_internals.actor_caller(
+                    proxy, "call", self._died
+                )
             return call((self._caller, seq, method, payload))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
-            return Failed(ActorDiedError(self._key, proxy._address, str(exc)))
+            return Failed(self._died("lost" if _worker_lost(exc) else "error", exc))
 
     def _send_later(
         self, seq: int, method: str, args: tuple, kwargs: dict, payload: bytes | None
     ) -> Any:
         try:
-            proxy = self._future.result()
+            try:
+                proxy = self._future.result()
+            except BaseException as exc:
+                # killed, or lost with its worker, or its constructor raised: as in Ray, a
+                # call on it raises ActorDiedError (the constructor's error as its cause)
+                status = self._future.status
+                if status not in ("error", "cancelled", "lost"):
+                    raise
+                raise self._died(status, exc) from exc
             with self._lock:
                 self._proxy = self._proxy or proxy
             if payload is None:
@@ -372,13 +418,18 @@ class ActorHandle:
             except (TimeoutError, concurrent.futures.TimeoutError, queue.Empty):
                 dead = self._status_error()
                 if dead is None and self._killed:
-                    dead = ActorDiedError(self._key, None, "it was killed")
+                    dead = self._died("cancelled")
                 if dead is not None:
                     raise dead from None
 
     def _kill(self) -> None:
         self._killed = True
         self._future.cancel(force=True)
+
+
+def _worker_lost(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is Dask's error for an actor whose worker was lost."""
+    return isinstance(exc, RuntimeError) and "Worker holding Actor was lost" in str(exc)
 
 
 def _rebuild_handle(future: Future, cls: type, key: str, proxy: Any) -> ActorHandle:

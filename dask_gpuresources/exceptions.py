@@ -159,9 +159,10 @@ class ActorDiedError(RuntimeError):
         self.actor = actor
         self.worker = worker
         self.reason = reason
+        where = "" if worker is None else f" on worker {worker}"
         super().__init__(
-            f"actor {actor!r} on worker {worker} is dead ({reason}); create a new one "
-            "with YourActor.remote(...)"
+            f"actor {actor!r}{where} is dead ({reason}); create a new one with "
+            "YourActor.remote(...)"
         )
 
     def __reduce__(self):

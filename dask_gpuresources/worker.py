@@ -747,13 +747,30 @@ def _running_task() -> tuple[Any, Hashable]:
     except ValueError:
         raise NoLeaseError(
             "get_gpu_ids() was called outside a Dask task; call it inside a function you "
-            "submit, e.g. client.submit(train, resources={'GPU': 1})"
+            "submit, e.g. client.submit(train, resources={'GPU': 1}). In a thread that a "
+            "task started (Python threads do not inherit the task's context), call it in "
+            "the task and pass the ids on; a remote function's thread may instead start with "
+            "contextvars.copy_context().run, e.g. threading.Thread(target="
+            "contextvars.copy_context().run, args=(work,))"
         ) from None
     key = getattr(thread_state, "key", None)
+    if key is not None and getattr(thread_state, "actor", False):
+        # A plain Dask actor's method: Dask names the thread "Class.method"; the lease is
+        # the actor's, under its own key.
+        key = _dask_internals.running_actor_key(worker)
+        if key is None:
+            raise NoLeaseError(
+                "get_gpu_ids() cannot tell which actor runs this method; call it in the "
+                "actor's constructor and keep the ids (self.gpu_ids = get_gpu_ids())"
+            )
     if key is None:
         raise NoLeaseError(
-            "get_gpu_ids() cannot tell which task is running here (async tasks run on the "
-            "worker's event loop); call it from a regular (sync) task function"
+            "get_gpu_ids() was called on a worker thread that runs no Dask task: an async "
+            "task or actor method (they run on the worker's event loop), or a thread that a "
+            "task started (Python threads do not inherit the task's context). Call it in the "
+            "task itself and pass the ids on; a remote function's thread may instead start "
+            "with contextvars.copy_context().run, e.g. threading.Thread(target="
+            "contextvars.copy_context().run, args=(work,))"
         )
     return worker, key
 

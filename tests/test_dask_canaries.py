@@ -130,3 +130,43 @@ async def test_a_cancelled_future_says_why(c, s, a):
         await future
     assert info.value.msg == "its input was lost"
     await event.set()
+
+
+@gen_cluster(client=True, nthreads=[("", 1), ("", 1)])
+async def test_an_actor_proxy_knows_its_worker_and_its_future_errs_when_that_worker_dies(
+    c, s, a, b
+):
+    # What ActorDiedError names (actor_address), and what ends a facade call to a dead worker
+    # at once instead of after Dask's 30 s connect timeout (actor_status in actor_caller).
+    from dask_gpuresources._dask_internals import actor_address, actor_status
+
+    proxy = await c.submit(_Actor, actor=True, workers=[a.address])
+    assert actor_address(proxy) == a.address
+    assert actor_status(proxy) == "finished"
+    await a.close()
+    deadline = asyncio.get_running_loop().time() + 10
+    while actor_status(proxy) != "error":
+        assert asyncio.get_running_loop().time() < deadline, actor_status(proxy)
+        await asyncio.sleep(0.02)
+    with pytest.raises(RuntimeError, match="Worker holding Actor was lost"):
+        await proxy._future
+
+
+class _Finds:
+    def where(self):
+        from distributed import get_worker
+        from distributed.worker import thread_state
+
+        from dask_gpuresources._dask_internals import running_actor_key
+
+        return thread_state.key, running_actor_key(get_worker())
+
+
+@gen_cluster(client=True, nthreads=[("", 2)])
+async def test_a_plain_actor_method_runs_under_the_name_class_method_and_is_found(c, s, a):
+    # Why get_gpu_ids() in a plain Dask actor's method looks for the actor
+    # (running_actor_key): the thread's key is "Class.method", not the actor's key.
+    one = await c.submit(_Finds, actor=True)
+    two = await c.submit(_Finds, actor=True)
+    assert await one.where() == ("Finds.where", one.key)  # Dask's key_split drops the "_"
+    assert await two.where() == ("Finds.where", two.key)
