@@ -29,7 +29,7 @@ from .exceptions import ActorDiedError, GetTimeoutError, TaskCancelledError
 
 logger = logging.getLogger("dask_gpuresources.api")
 
-__all__ = ["Batcher", "Failed", "ObjectRef", "cancel", "get", "put", "wait"]
+__all__ = ["Batcher", "Failed", "ObjectRef", "cancel", "get", "put", "sender", "wait"]
 
 
 class Failed:
@@ -344,6 +344,20 @@ def put(value: Any) -> ObjectRef:
     _runtime.flush()
     (future,) = _runtime.client().scatter([value], hash=False)
     return ObjectRef(future, future.key)
+
+
+_sender_lock = threading.Lock()
+
+
+def sender(runtime: _runtime.Runtime) -> Batcher:
+    """The session's one ordered sender of ``.remote()`` calls, made on its first call."""
+    batcher = runtime.batcher
+    if batcher is None:
+        with _sender_lock:
+            if runtime.batcher is None:
+                runtime.batcher = Batcher(runtime.client)
+            batcher = runtime.batcher
+    return batcher
 
 
 class Batcher:

@@ -33,6 +33,7 @@ from ._refs import (
     dumps,
     has_refs,
     original_error,
+    sender,
     unwrap,
     values_of,
     waits,
@@ -195,7 +196,7 @@ class RemoteFunction:
         key = _key(opts.name or self._function.__name__)
         _check_feasible(key, opts)
         ref = ObjectRef(Future(key, _runtime.current.client), key)
-        batcher = _runtime.current.batcher
+        batcher = sender(_runtime.current)
         if waits((args, kwargs)):  # an actor call's value: sent once it is known
             batcher.add_when_ready(self._function, args, kwargs, ref, opts)
         else:
@@ -371,9 +372,7 @@ class ActorHandle:
                     return proxy.call((self._caller, seq, method, payload))
                 # One caller for every call of this handle, answering through a plain
                 # concurrent future (see _dask_internals.actor_caller).
-                call = self._proxy_call = _dask_internals.actor_caller(
-                    proxy, "call", self._died
-                )
+                call = self._proxy_call = _dask_internals.actor_caller(proxy, "call", self._died)
             return call((self._caller, seq, method, payload))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
             return Failed(self._died("lost" if _worker_lost(exc) else "error", exc))

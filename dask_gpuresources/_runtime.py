@@ -45,6 +45,7 @@ class Runtime:
     cpu_declared: bool = False  # whether CPU is a Dask resource here, or worker threads
     feasible: set = field(default_factory=set)  # request shapes some worker can hold
     dashboard: bool = True
+    #: the one ordered sender of .remote() calls, made on first use (_refs.sender)
     batcher: Batcher | None = None
 
 
@@ -162,7 +163,6 @@ def init(
 
         install(client)
         runtime = Runtime(client, cluster, dashboard=dashboard or cluster is None)
-        runtime.batcher = _new_batcher(client)
         capacities(runtime)
     except BaseException:
         client.close()
@@ -249,7 +249,6 @@ def _worker_runtime() -> Runtime | None:
         if current is None:
             client = distributed.get_client()  # the worker's own client
             runtime = Runtime(client, None)
-            runtime.batcher = _new_batcher(client)
             capacities(runtime)
             current = runtime
     return current
@@ -280,7 +279,6 @@ def _child_runtime() -> Runtime | None:
                 name="dask_gpuresources-isolated-child",
             )
             runtime = Runtime(client, None)
-            runtime.batcher = _new_batcher(client)
             capacities(runtime)
             current = runtime
             atexit.register(_close_child_runtime)
@@ -353,9 +351,3 @@ def flush() -> None:
     runtime = current
     if runtime is not None and runtime.batcher is not None:
         runtime.batcher.flush()
-
-
-def _new_batcher(client: Client) -> Batcher:
-    from ._refs import Batcher
-
-    return Batcher(client)
