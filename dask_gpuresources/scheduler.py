@@ -40,12 +40,14 @@ from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
 
 from . import _config  # _config.get: reads with the yaml's defaults as fallback
+from . import _dask_internals
 from ._overlap import OVERLAP_POLICIES, Overlap, OverlapChecks, overlaps
 from ._placement import Placement
 from ._requests import check_annotations, format_amount, gpu_request
 from ._table import AllocationTable
 from .exceptions import InfeasibleRequestError, InvalidRequestError
-from .worker import GPU, PLUGIN_NAME, GPUWorkerPlugin
+from ._names import EXTENSION, GPU, PLUGIN_NAME
+from .worker import GPUWorkerPlugin
 
 __all__ = ["DEVICES_HANDLER", "HANDLER", "GPUSchedulerPlugin", "Overlap", "overlaps"]
 
@@ -92,6 +94,11 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._rejected: dict[Hashable, Exception] = {}
         # actor key -> (worker address, units): GPU actors hold their devices for life
         self._actor_holds: dict[Hashable, tuple[str, int]] = {}
+        self._held: dict[str, int] = {}  # worker -> units its actors hold
+        # worker -> {key: units} of GPU requests there that its actors leave too little
+        # room to start; and the workers whose holds changed, to be re-examined
+        self._stranded: dict[str, dict[Hashable, int]] = {}
+        self._restrand: set[str] = set()
         self._warned_shapes: set[str] = set()
         self._warned_empty = False
         self._workers_to_close: Any = None  # the scheduler's own, while ours stands in
@@ -287,6 +294,9 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
     ) -> None:
         """Forget the worker's GPU load and devices; its leases died with it."""
         self._load.pop(worker, None)
+        self._held.pop(worker, None)
+        self._stranded.pop(worker, None)
+        self._restrand.discard(worker)
         self._stale.discard(worker)
         self._index(worker, None)  # out of placement's index
         self._overloaded.discard(worker)
@@ -384,6 +394,13 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         )
         self.scheduler.transitions(recommendations, stimulus_id)
 
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Follow a move of Dask's work stealing the moment it is enacted."""
+        if topic == "stealing" and self._moving:
+            key = _dask_internals.steal_confirmed(msg)
+            if key is not None and key in self._moving:
+                self._steal_confirmed(key)
+
     def transition(
         self, key: Hashable, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
     ) -> None:
@@ -399,17 +416,19 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             if record is not None:
                 if self._moving:
                     self._moving.discard(key)
+                if self._stranded:
+                    self._unstrand(key, record[0])
                 ts = self.scheduler.tasks.get(key) if finish == "memory" else None
                 if ts is not None and ts.actor:
                     # Dask frees an actor's resources once its constructor returns; its
                     # devices stay held (and counted in placement) until it goes away.
-                    self._actor_holds[key] = record
+                    self._hold(key, *record)
                 else:
                     self._exit_processing(*record)
         elif start == "memory":
             if self._actor_holds and key in self._actor_holds:
                 # the actor was released, killed, or lost with its worker
-                self._exit_processing(*self._actor_holds.pop(key))
+                self._unhold(key)
         if self._rejected:
             if finish == "no-worker" and key in self._rejected:
                 self.scheduler.loop.add_callback(self._fail_rejected, key)
