@@ -291,6 +291,8 @@ class Placement:
         can run.
         """
         self._rebalance_soon = False
+        if self._retired:  # a callback scheduled before another instance took over
+            return
         self._sync_devices()
         scheduler = self.scheduler
         self._relevel_all()

@@ -92,3 +92,40 @@ def test_a_request_stranded_behind_new_actor_holds_moves_to_a_free_device(two_wo
     assert client.who_has(second)[second.key][0] != queued_on
     assert second.result().gpu_ids().result() == [4]
     assert fifth.status == "pending"
+
+
+def _ids():
+    return gr.get_gpu_ids()
+
+
+@pytest.mark.parametrize("name", ["gpuresources-again", None])
+def test_the_scheduler_plugin_registered_again_keeps_the_actors_holds(name):
+    from dask_gpuresources.scheduler import GPUSchedulerPlugin
+
+    with dask.config.set({"gpuresources.scheduler.overlap": "ignore"}):
+        with LocalCluster(
+            n_workers=2, threads_per_worker=4, resources={"GPU": 1}, dashboard_address=":0"
+        ) as cluster, Client(cluster) as client:
+            gr.install(client)
+            actor = client.submit(Holder, actor=True, resources={"GPU": 1}, pure=False)
+            wait(actor, timeout=TIMEOUT)
+            again = GPUSchedulerPlugin()
+            if name is None:
+                # Under its own name Dask replaces it (and warns that it does).
+                again.idempotent = False
+                with pytest.warns(UserWarning, match="already contains a plugin"):
+                    client.register_plugin(again)
+            else:
+                client.register_plugin(again, name=name)
+            plugins = [
+                p for p in cluster.scheduler.plugins.values() if isinstance(p, GPUSchedulerPlugin)
+            ]
+            newest = cluster.scheduler.plugins[name or "gpuresources"]  # a copy of `again`
+            assert [p for p in plugins if p._rebalancer is not None] == [newest]
+            # One device is held by the actor: both tasks run on the other one, in turn
+            # (before, the new instance saw two free devices and sent one task to wait
+            # beside the actor for good).
+            tasks = [client.submit(_ids, resources={"GPU": 1}, pure=False) for _ in range(2)]
+            wait(tasks, timeout=TIMEOUT)
+            held = client.who_has(actor)[actor.key][0]
+            assert held not in {client.who_has(t)[t.key][0] for t in tasks}
