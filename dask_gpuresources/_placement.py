@@ -355,9 +355,7 @@ class Placement:
             (
                 a
                 for a, free in idle.items()
-                if a != addr
-                and free >= units
-                and (valid is None or scheduler.workers[a] in valid)
+                if a != addr and free >= units and (valid is None or scheduler.workers[a] in valid)
             ),
             None,
         )

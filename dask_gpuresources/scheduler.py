@@ -39,14 +39,16 @@ from distributed import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
 
-from . import _config  # _config.get: reads with the yaml's defaults as fallback
-from . import _dask_internals
+from . import (
+    _config,  # _config.get: reads with the yaml's defaults as fallback
+    _dask_internals,
+)
+from ._names import EXTENSION, GPU, PLUGIN_NAME
 from ._overlap import OVERLAP_POLICIES, Overlap, OverlapChecks, overlaps
 from ._placement import UNITS, Placement
 from ._requests import check_annotations, format_amount, gpu_request
 from ._table import AllocationTable
 from .exceptions import InfeasibleRequestError, InvalidRequestError
-from ._names import EXTENSION, GPU, PLUGIN_NAME
 from .worker import GPUWorkerPlugin
 
 __all__ = [

@@ -39,9 +39,12 @@ def _wait_until(predicate, timeout=TIMEOUT):
 def two_workers_of_five():
     # Both workers declare GPU=5 on one host: the overlap warning is not what is tested.
     with dask.config.set({"gpuresources.scheduler.overlap": "ignore"}):
-        with LocalCluster(
-            n_workers=2, threads_per_worker=8, resources={"GPU": 5}, dashboard_address=":0"
-        ) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=2, threads_per_worker=8, resources={"GPU": 5}, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             gr.install(client)
             yield client
 
@@ -52,16 +55,12 @@ def _holders(client, futures):
 
 def test_small_actors_go_to_the_free_device_beside_a_stranded_large_one(two_workers_of_five):
     client = two_workers_of_five
-    large = [
-        client.submit(Holder, actor=True, resources={"GPU": 2}, pure=False) for _ in range(4)
-    ]
+    large = [client.submit(Holder, actor=True, resources={"GPU": 2}, pure=False) for _ in range(4)]
     wait(large, timeout=TIMEOUT)
     # Four devices of each worker held: a fifth 2-GPU actor fits nowhere and waits.
     fifth = client.submit(Holder, actor=True, resources={"GPU": 2}, pure=False)
     _wait_until(lambda: any(fifth.key in keys for keys in client.processing().values()))
-    small = [
-        client.submit(Holder, actor=True, resources={"GPU": 1}, pure=False) for _ in range(2)
-    ]
+    small = [client.submit(Holder, actor=True, resources={"GPU": 1}, pure=False) for _ in range(2)]
     # Each worker has one free device that the waiting 2-GPU actor can never use.
     wait(small, timeout=TIMEOUT)
     assert len(_holders(client, small)) == 2
@@ -103,9 +102,12 @@ def test_the_scheduler_plugin_registered_again_keeps_the_actors_holds(name):
     from dask_gpuresources.scheduler import GPUSchedulerPlugin
 
     with dask.config.set({"gpuresources.scheduler.overlap": "ignore"}):
-        with LocalCluster(
-            n_workers=2, threads_per_worker=4, resources={"GPU": 1}, dashboard_address=":0"
-        ) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=2, threads_per_worker=4, resources={"GPU": 1}, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             gr.install(client)
             actor = client.submit(Holder, actor=True, resources={"GPU": 1}, pure=False)
             wait(actor, timeout=TIMEOUT)
