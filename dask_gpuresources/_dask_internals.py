@@ -24,11 +24,15 @@ __all__ = [
     "actor_status",
     "missing_internals",
     "count_in_process_memory",
+    "move_actor",
     "register_event_handler",
     "release_actor_proxy",
     "running_actor_key",
+    "scheduler_extension",
+    "set_scheduler_extension",
     "set_worker_extension",
     "set_worker_handler",
+    "steal_confirmed",
     "worker_extension",
 ]
 
@@ -214,6 +218,50 @@ def register_event_handler(event: type, handler: object) -> None:
     from distributed.worker_state_machine import WorkerState
 
     WorkerState.__dict__["_handle_event"].register(event, handler)
+
+
+def scheduler_extension(scheduler: object, name: str) -> object | None:
+    """``scheduler.extensions[name]``: state that lives as long as the scheduler, whatever
+    happens to the plugin instances that use it."""
+    return scheduler.extensions.get(name)  # type: ignore[attr-defined]
+
+
+def set_scheduler_extension(scheduler: object, name: str, extension: object) -> None:
+    """Add ``extension`` to the scheduler's extensions (its ``teardown()`` runs when the
+    scheduler closes)."""
+    scheduler.extensions[name] = extension  # type: ignore[attr-defined]
+
+
+def steal_confirmed(msg: Any) -> Any:
+    """The key of the move that a ``"stealing"`` event ``msg`` says was enacted, else None.
+
+    ``WorkStealing.move_task_confirm`` logs ``("confirm", key, state, victim, thief,
+    stimulus_id)`` right after it moved the task to the thief, on the same call, before
+    any later transition of the task.
+
+    Examples
+    --------
+    >>> steal_confirmed(("confirm", "x", "constrained", "tcp://a", "tcp://b", "steal-1"))
+    'x'
+    >>> steal_confirmed(("already-computing", "x", "executing", "tcp://a", "tcp://b", "s"))
+    """
+    if type(msg) is tuple and len(msg) == 6 and msg[0] == "confirm":
+        return msg[1]
+    return None
+
+
+def move_actor(ts: object, victim: object | None, thief: object | None) -> None:
+    """Record on the scheduler that the actor task ``ts`` now lives on ``thief``.
+
+    Dask's stealing moves an actor's task between workers' ``processing`` but leaves it in
+    the victim's ``actors`` set; the scheduler's later ``processing -> released`` then
+    removes it from the thief's set, which lacks it (``KeyError``), and the victim keeps a
+    stale actor forever.
+    """
+    if victim is not None:
+        victim.actors.discard(ts)  # type: ignore[attr-defined]
+    if thief is not None:
+        thief.actors.add(ts)  # type: ignore[attr-defined]
 
 
 #: (module, dotted attribute, why we need it)
@@ -460,6 +508,22 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "distributed.stealing",
+        "WorkStealing.move_task_confirm",
+        "its 'confirm' event tells placement at once that a move it asked for happened "
+        "(steal_confirmed)",
+    ),
+    (
+        "distributed.stealing",
+        "WorkStealing.log",
+        "the 'stealing' events placement follows moves by",
+    ),
+    (
+        "distributed.scheduler",
+        "WorkerState.actors",
+        "an actor moved by stealing is recorded on its new worker (move_actor)",
+    ),
+    (
+        "distributed.stealing",
         "WorkStealing.in_flight",
         "a move rebalance() requested is followed until stealing settles it",
     ),
@@ -472,7 +536,8 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.scheduler",
         "Scheduler.extensions",
-        "the work-stealing extension is found here (GPU tasks are kept out of it)",
+        "the work-stealing extension is found here (GPU tasks are kept out of it); the "
+        "scheduler plugin's state that outlives an instance lives here",
     ),
     (
         "distributed.scheduler",

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from distributed.comm import get_address_host
 
 from . import _config
-from .worker import GPU, PLUGIN_NAME
+from ._names import GPU, PLUGIN_NAME
 
 logger = logging.getLogger("distributed.gpuresources")
 

@@ -14,7 +14,8 @@ import operator
 from collections.abc import Iterator
 from typing import Any
 
-from .worker import GPU
+from . import _dask_internals
+from ._names import GPU
 
 logger = logging.getLogger("distributed.gpuresources")
 
@@ -41,8 +42,68 @@ class Placement:
         self._processing[ts.key] = (addr, units)
         load = self._load[addr] = self._load.get(addr, 0) + units
         self._stale.add(addr)
-        if load > ws.resources.get(GPU, 0) * UNITS:
+        capacity = ws.resources.get(GPU, 0) * UNITS
+        if load > capacity:
             self._overloaded.add(addr)
+            if self._held and units > capacity - self._held.get(addr, 0):
+                self._strand(ts.key, addr, units)
+
+    # -- requests that cannot run where they wait --------------------------------------------
+    #
+    # Actors hold their devices for life: a request larger than a worker's devices less its
+    # actors' holds cannot start there until an actor goes, which may be never. Such a
+    # request is "stranded": its units stay in the worker's load (the worker is overloaded),
+    # but they do not count against the worker's free devices for placement, which other
+    # requests can use now; and rebalance() moves it to a worker where it fits as soon as
+    # one has the devices free. Holds begin and end rarely (an actor constructed, released),
+    # so a worker whose holds or capacity changed is re-examined lazily, on placement's next
+    # question or the next tick, not on the transition that changed them.
+
+    def _strand(self, key: Any, addr: str, units: int) -> None:
+        self._stranded.setdefault(addr, {})[key] = units
+        self._stale.add(addr)
+
+    def _unstrand(self, key: Any, addr: str) -> None:
+        here = self._stranded.get(addr)
+        if here is not None and here.pop(key, None) is not None:
+            if not here:
+                del self._stranded[addr]
+            self._stale.add(addr)
+
+    def _hold(self, key: Any, addr: str, units: int) -> None:
+        """An actor's devices are held for its life from now (its constructor returned)."""
+        self._actor_holds[key] = (addr, units)
+        self._held[addr] = self._held.get(addr, 0) + units
+        self._restrand.add(addr)
+
+    def _unhold(self, key: Any) -> None:
+        addr, units = self._actor_holds.pop(key)
+        held = self._held.get(addr)
+        if held is not None:
+            if held > units:
+                self._held[addr] = held - units
+            else:
+                del self._held[addr]
+            self._restrand.add(addr)
+        self._exit_processing(addr, units)
+
+    def _restrand_marked(self) -> None:
+        """Re-examine which GPU requests of the marked workers are stranded."""
+        restrand = self._restrand
+        workers = self.scheduler.workers
+        processing = self._processing
+        while restrand:
+            addr = restrand.pop()
+            self._stranded.pop(addr, None)
+            self._stale.add(addr)
+            ws = workers.get(addr)
+            if ws is None:
+                continue
+            room = ws.resources.get(GPU, 0) * UNITS - self._held.get(addr, 0)
+            for ts in ws.processing:
+                record = processing.get(ts.key)
+                if record is not None and record[0] == addr and record[1] > room:
+                    self._strand(ts.key, addr, record[1])
 
     def _add_load(self, addr: str, units: int) -> None:
         load = self._load[addr] = self._load.get(addr, 0) + units
@@ -88,6 +149,8 @@ class Placement:
     # changed unseen.
 
     def _relevel_stale(self) -> None:
+        if self._restrand:
+            self._restrand_marked()
         workers = self.scheduler.workers
         stale = self._stale
         while stale:
@@ -112,7 +175,11 @@ class Placement:
         capacity = round(ws.resources.get(GPU, 0) * UNITS)
         if capacity <= 0:
             return
+        # stranded requests do not take the devices that other requests can use now
         free = capacity - self._load.get(addr, 0)
+        stranded = self._stranded.get(addr)
+        if stranded:
+            free += sum(stranded.values())
         self._levels.setdefault(capacity, {}).setdefault(free, set()).add(ws)
         self._levels_of[addr] = (capacity, free, ws)
 
@@ -129,6 +196,8 @@ class Placement:
                     stale.add(addr)
             elif where[0] != capacity or where[2] is not ws:
                 stale.add(addr)
+                if addr in self._held:
+                    self._restrand.add(addr)
         stale.update(a for a in levels_of if a not in workers)
         self._relevel_stale()
 
@@ -149,7 +218,16 @@ class Placement:
         if not chosen:
             return None
         if best > 0:  # every device busy: the workers at each group's top level
-            return set().union(*(group[top] for top, group in chosen))
+            least = set().union(*(group[top] for top, group in chosen))
+            if self._held:
+                # not where actors' holds leave too little room for it ever to start
+                held = self._held
+                least = {
+                    ws
+                    for ws in least
+                    if units <= round(ws.resources.get(GPU, 0) * UNITS) - held.get(ws.address, 0)
+                }
+            return least
         # devices free: every worker that fits the request now
         return set().union(
             *(members for _, group in chosen for free, members in group.items() if free >= units)
@@ -180,13 +258,18 @@ class Placement:
 
     def _scan_least_backlog(self, valid: set, units: int) -> set:
         load = self._load
+        held = self._held
+        stranded = self._stranded
         best = math.inf
         chosen: list = []
         for ws in valid:
             capacity = ws.resources.get(GPU, 0) * UNITS
-            if not capacity:
-                continue
-            ahead = load.get(ws.address, 0) + units - capacity
+            addr = ws.address
+            if not capacity or units > capacity - held.get(addr, 0):
+                continue  # no devices, or too few that actors leave for it ever to start
+            ahead = load.get(addr, 0) + units - capacity
+            if addr in stranded:
+                ahead -= sum(stranded[addr].values())
             backlog = ahead / capacity if ahead > 0 else 0.0
             if backlog < best:
                 best, chosen = backlog, [ws]
@@ -195,66 +278,131 @@ class Placement:
         return set(chosen) if chosen else valid
 
     def rebalance(self) -> None:
-        """Move GPU tasks queued behind busy devices to workers whose devices are idle.
+        """Move GPU requests that cannot start where they wait to workers that can run them now.
 
-        Uses Dask's work-stealing protocol, so a task that has already started is never
-        moved (the worker refuses), and worker or resource restrictions are respected. A
-        move under way counts against its thief's free devices, so that ticks in quick
-        succession never send one idle device more than it can run.
+        Two kinds move: a stranded request (it cannot start on its worker while that
+        worker's actors live; the highest priority first) and the excess of a worker with
+        more GPU work than devices (the last to run first). Each goes to a worker whose free
+        devices, less the GPU work queued there that can start there, hold it now. Tasks and
+        actors alike move through Dask's work-stealing protocol, so a request that has
+        already started is never moved (the worker refuses), and worker or resource
+        restrictions are respected. A move under way counts against its thief's free
+        devices, so that ticks in quick succession never send one idle device more than it
+        can run.
         """
         self._rebalance_soon = False
+        if self._retired:  # a callback scheduled before another instance took over
+            return
         self._sync_devices()
         scheduler = self.scheduler
         self._relevel_all()
         stealing = scheduler.extensions.get("stealing")
-        if stealing is None or not self._overloaded:
+        if stealing is None or not (self._overloaded or self._stranded):
             return
         incoming = self._follow_moves()
+        if self._restrand:
+            self._restrand_marked()
+        workers = scheduler.workers
         idle: dict[str, int] = {}
         for addr, capacity in scheduler.resources.get(GPU, {}).items():
-            free = int(capacity * UNITS) - self._load.get(addr, 0) - incoming.get(addr, 0)
-            if free > 0 and scheduler.workers[addr] in scheduler.running:
+            free = self._free_units(addr, capacity) - incoming.get(addr, 0)
+            if free > 0 and workers[addr] in scheduler.running:
                 idle[addr] = free
         if not idle:
             return
-        for addr in list(self._overloaded):
-            ws = scheduler.workers.get(addr)
+        tasks = scheduler.tasks
+        for addr, here in list(self._stranded.items()):
+            ws = workers.get(addr)
             if ws is None or set(idle) <= {addr}:
                 continue
-            excess = self._load.get(addr, 0) - int(ws.resources.get(GPU, 0) * UNITS)
+            stranded = [tasks[key] for key in here if key in tasks and key not in self._moving]
+            for ts in sorted(stranded, key=_priority):
+                if not idle:
+                    return
+                self._move(stealing, ts, ws, here[ts.key], idle)
+        for addr in list(self._overloaded):
+            ws = workers.get(addr)
+            if ws is None or set(idle) <= {addr}:
+                continue
+            here = self._stranded.get(addr, {})
+            excess = self._load.get(addr, 0) - sum(here.values())
+            excess -= int(ws.resources.get(GPU, 0) * UNITS)
             if excess <= 0:
                 continue
             for ts in _last_to_run(ws.processing, self._processing):
                 if excess <= 0 or not idle:
                     break
-                units = self._processing[ts.key][1]
-                valid = type(scheduler).valid_workers(scheduler, ts)  # not narrowed
-                thief = next(
-                    (
-                        a
-                        for a, free in idle.items()
-                        if a != addr
-                        and free >= units
-                        and (valid is None or scheduler.workers[a] in valid)
-                    ),
-                    None,
-                )
-                if thief is None:
+                if ts.key in here or ts.key in self._moving:
                     continue
-                stealing.move_task_request(ts, ws, scheduler.workers[thief])
-                self._moving.add(ts.key)
-                excess -= units
-                idle[thief] -= units
-                if idle[thief] <= 0:
-                    del idle[thief]
+                units = self._processing[ts.key][1]
+                if self._move(stealing, ts, ws, units, idle):
+                    excess -= units
+
+    def _free_units(self, addr: str, capacity: float) -> int:
+        """Free device units of ``addr``, less the GPU work there that can start there."""
+        free = int(capacity * UNITS) - self._load.get(addr, 0)
+        stranded = self._stranded.get(addr)
+        if stranded:
+            free += sum(stranded.values())
+        return free
+
+    def _move(self, stealing: Any, ts: Any, victim: Any, units: int, idle: dict) -> bool:
+        """Ask Dask's stealing to move ``ts`` to the first idle worker that can run it now."""
+        scheduler = self.scheduler
+        valid = type(scheduler).valid_workers(scheduler, ts)  # not narrowed
+        addr = victim.address
+        thief = next(
+            (
+                a
+                for a, free in idle.items()
+                if a != addr and free >= units and (valid is None or scheduler.workers[a] in valid)
+            ),
+            None,
+        )
+        if thief is None:
+            return False
+        stealing.move_task_request(ts, victim, scheduler.workers[thief])
+        self._moving.add(ts.key)
+        idle[thief] -= units
+        if idle[thief] <= 0:
+            del idle[thief]
+        return True
+
+    def _rehome(self, key: Any, ts: Any, new: str) -> None:
+        """The GPU request ``key`` now waits on worker ``new`` (a move stealing enacted)."""
+        record = self._processing.get(key)
+        if record is None:
+            return
+        addr, units = record
+        if new == addr:
+            return
+        self._unstrand(key, addr)
+        if addr in self._load:
+            self._add_load(addr, -units)
+        self._add_load(new, units)
+        self._processing[key] = (new, units)
+        if new in self._held:
+            self._restrand.add(new)
+        if ts.actor:
+            # Dask's stealing moves the task, not the worker's record of its actors
+            _dask_internals.move_actor(ts, self.scheduler.workers.get(addr), ts.processing_on)
+
+    def _steal_confirmed(self, key: Any) -> None:
+        """Stealing enacted a move (its "confirm" event): follow it at once, before any
+        later transition of the task can read the old worker."""
+        ts = self.scheduler.tasks.get(key)
+        if ts is not None and ts.processing_on is not None:
+            self._moving.discard(key)
+            self._rehome(key, ts, ts.processing_on.address)
 
     def _follow_moves(self) -> dict[str, int]:
         """Re-home the load of moved GPU tasks; returns the units still on their way to each
         thief.
 
-        Work stealing moves tasks without transition hooks. With our placement on, Dask's
-        stealing leaves GPU tasks alone, so only the tasks rebalance() asked to move can have
-        moved; without it, any GPU task may have.
+        Work stealing moves tasks without transition hooks (its "confirm" event re-homes
+        them at once, see :meth:`_steal_confirmed`; this catches what it did not). With our
+        placement on, Dask's stealing leaves GPU tasks alone, so only the tasks rebalance()
+        asked to move can have moved; without it, any GPU task may have.
         """
         tasks = self.scheduler.tasks
         in_flight = self._stealing.in_flight if self._stealing is not None else None
@@ -273,14 +421,7 @@ class Placement:
                 else:
                     thief = move["thief"].address
                     incoming[thief] = incoming.get(thief, 0) + record[1]
-            addr, units = record
-            new = ts.processing_on.address
-            if new == addr:
-                continue
-            if addr in self._load:
-                self._add_load(addr, -units)
-            self._add_load(new, units)
-            self._processing[key] = (new, units)
+            self._rehome(key, ts, ts.processing_on.address)
         return incoming
 
 

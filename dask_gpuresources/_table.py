@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from .worker import GPU, PLUGIN_NAME
+from ._names import GPU, PLUGIN_NAME
 
 logger = logging.getLogger("distributed.gpuresources")
 

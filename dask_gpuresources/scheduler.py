@@ -39,15 +39,26 @@ from distributed import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
 
-from . import _config  # _config.get: reads with the yaml's defaults as fallback
+from . import (
+    _config,  # _config.get: reads with the yaml's defaults as fallback
+    _dask_internals,
+)
+from ._names import EXTENSION, GPU, PLUGIN_NAME
 from ._overlap import OVERLAP_POLICIES, Overlap, OverlapChecks, overlaps
-from ._placement import Placement
+from ._placement import UNITS, Placement
 from ._requests import check_annotations, format_amount, gpu_request
 from ._table import AllocationTable
 from .exceptions import InfeasibleRequestError, InvalidRequestError
-from .worker import GPU, PLUGIN_NAME, GPUWorkerPlugin
+from .worker import GPUWorkerPlugin
 
-__all__ = ["DEVICES_HANDLER", "HANDLER", "GPUSchedulerPlugin", "Overlap", "overlaps"]
+__all__ = [
+    "DEVICES_HANDLER",
+    "HANDLER",
+    "GPUSchedulerPlugin",
+    "Overlap",
+    "SchedulerState",
+    "overlaps",
+]
 
 # A child of "distributed" so that our lines appear in worker and scheduler logs with
 # Dask's own format and levels (the logging.distributed config).
@@ -64,6 +75,45 @@ _HANDLER_METHODS = {
     f"{HANDLER}_table": "table_handler",
     DEVICES_HANDLER: "devices_handler",
 }
+
+
+# What a plugin instance hands on to the next one registered on the same scheduler: what
+# the scheduler's own state cannot tell again (errors of rejected requests, devices workers
+# reported, GPUs refused for overlap, moves under way, warnings given). The GPU load and the
+# actors' holds are rebuilt from the scheduler's tasks instead, which stay true whatever
+# transitions happened while no instance was listening.
+_ADOPTED = (
+    "_rejected",
+    "_moving",
+    "_devices",
+    "_shared",
+    "_warned_hosts",
+    "_refused",
+    "_warned_shapes",
+)
+
+
+class SchedulerState:
+    """What outlives a :class:`GPUSchedulerPlugin` instance: ``scheduler.extensions`` holds
+    it under ``"gpuresources"``.
+
+    Dask replaces a plugin registered again under its name without closing it, and keeps
+    both when the second has another name; the instance that starts last takes this state
+    over and retires the one before it (its periodic rebalancer stopped, its hooks inert).
+    """
+
+    def __init__(self) -> None:
+        self.plugin: GPUSchedulerPlugin | None = None  # the instance in charge
+        self.shared: dict[str, Any] = {}
+
+    def teardown(self) -> None:
+        """Dask calls this when the scheduler closes: no rebalancer outlives it."""
+        if self.plugin is not None:
+            self.plugin._stop_callbacks()
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlugin):
@@ -92,6 +142,11 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._rejected: dict[Hashable, Exception] = {}
         # actor key -> (worker address, units): GPU actors hold their devices for life
         self._actor_holds: dict[Hashable, tuple[str, int]] = {}
+        self._held: dict[str, int] = {}  # worker -> units its actors hold
+        # worker -> {key: units} of GPU requests there that its actors leave too little
+        # room to start; and the workers whose holds changed, to be re-examined
+        self._stranded: dict[str, dict[Hashable, int]] = {}
+        self._restrand: set[str] = set()
         self._warned_shapes: set[str] = set()
         self._warned_empty = False
         self._workers_to_close: Any = None  # the scheduler's own, while ours stands in
@@ -104,6 +159,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._stale: set[str] = set()
         self._rebalance_soon = False
         self._rebalancer: PeriodicCallback | None = None
+        self._retired = False  # another instance took over (see SchedulerState)
         self._placement = False
         self._stealing: Any = None
         # GPU tasks rebalance() asked Dask's stealing to move, until the move is settled
@@ -136,6 +192,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
                 f"{policy!r}; use DASK_GPURESOURCES__SCHEDULER__OVERLAP=warn"
             )
         self.scheduler = scheduler
+        self._take_over(scheduler)
         scheduler.handlers[HANDLER] = self.allocations_handler
         scheduler.handlers[f"{HANDLER}_table"] = self.table_handler
         scheduler.handlers[DEVICES_HANDLER] = self.devices_handler
@@ -154,9 +211,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
                 logger.exception("Could not add the GPU allocations page to the dashboard")
         for addr in list(scheduler.workers):
             self.add_worker(scheduler=scheduler, worker=addr)
-        for ts in scheduler.tasks.values():
-            if ts.state == "processing":
-                self._enter_processing(ts)
+        self._rebuild()
 
         if _config.get("gpuresources.scheduler.placement"):
             # The scheduler looks this method up on the instance for every placement: GPU
@@ -205,12 +260,89 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         await scheduler.register_worker_plugin(
             None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True
         )
+        # Transitions during the await reached no instance of ours if one was retired
+        # above; Dask adds this instance to its plugins right after start() returns, with
+        # no await in between.
+        self._rebuild()
 
-    async def close(self) -> None:
-        """Undo :meth:`start`."""
+    def _take_over(self, scheduler: Any) -> None:
+        """Adopt the state an earlier instance kept, and retire that instance."""
+        state = _dask_internals.scheduler_extension(scheduler, EXTENSION)
+        if not isinstance(state, SchedulerState):
+            state = SchedulerState()
+            _dask_internals.set_scheduler_extension(scheduler, EXTENSION, state)
+        old = state.plugin
+        if old is not None and old is not self:
+            old._retire()
+        for name in _ADOPTED:
+            if name in state.shared:
+                setattr(self, name, state.shared[name])
+            else:
+                state.shared[name] = getattr(self, name)
+        state.plugin = self
+
+    def _rebuild(self) -> None:
+        """GPU load and actor holds, from the scheduler's tasks as they stand."""
+        for mapping in (
+            self._processing,
+            self._load,
+            self._held,
+            self._stranded,
+            self._actor_holds,
+            self._levels,
+            self._levels_of,
+        ):
+            mapping.clear()
+        self._restrand.clear()
+        self._overloaded.clear()
+        scheduler = self.scheduler
+        self._stale = set(scheduler.workers)
+        processing = []
+        for key, ts in scheduler.tasks.items():
+            if ts.state == "processing":
+                processing.append(ts)
+            elif ts.actor and ts.state == "memory" and ts.who_has:
+                restrictions = ts.resource_restrictions
+                value = restrictions.get(GPU) if restrictions else None
+                if value:
+                    addr = next(iter(ts.who_has)).address
+                    units = round(value * UNITS)
+                    self._add_load(addr, units)
+                    self._hold(key, addr, units)
+        for ts in processing:
+            self._enter_processing(ts)
+        self._restrand.update(self._held)
+        for key in list(self._rejected):
+            ts = scheduler.tasks.get(key)
+            if ts is not None and ts.state == "no-worker":
+                scheduler.loop.add_callback(self._fail_rejected, key)
+
+    def _stop_callbacks(self) -> None:
         if self._rebalancer is not None:
             self._rebalancer.stop()
             self._rebalancer = None
+
+    def _retire(self) -> None:
+        """Hand over to the instance registered after this one: stop the periodic
+        rebalancer, undo what :meth:`start` installed, and answer Dask's hooks with
+        nothing (Dask still calls them on an instance registered under another name)."""
+        self._undo(restore=False)
+        self._retired = True
+        for hook in ("transition", "update_graph", "add_worker", "remove_worker", "log_event"):
+            setattr(self, hook, _inert)
+
+    async def close(self) -> None:
+        """Undo :meth:`start`."""
+        if self._retired:
+            return
+        self._undo(restore=True)
+        if self.scheduler is not None:
+            state = _dask_internals.scheduler_extension(self.scheduler, EXTENSION)
+            if isinstance(state, SchedulerState) and state.plugin is self:
+                state.plugin = None
+
+    def _undo(self, *, restore: bool) -> None:
+        self._stop_callbacks()
         if self.scheduler is None:
             return
         if self._placement and self.scheduler.__dict__.get("valid_workers") is not None:
@@ -232,8 +364,9 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         for name in (HANDLER, f"{HANDLER}_table", DEVICES_HANDLER):
             if self.scheduler.handlers.get(name) == getattr(self, _HANDLER_METHODS[name]):
                 del self.scheduler.handlers[name]
-        for addr in list(self._refused):
-            self._restore_gpus(addr)
+        if restore:
+            for addr in list(self._refused):
+                self._restore_gpus(addr)
         from ._http import uninstall_routes
 
         uninstall_routes(self.scheduler, self)
@@ -287,6 +420,9 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
     ) -> None:
         """Forget the worker's GPU load and devices; its leases died with it."""
         self._load.pop(worker, None)
+        self._held.pop(worker, None)
+        self._stranded.pop(worker, None)
+        self._restrand.discard(worker)
         self._stale.discard(worker)
         self._index(worker, None)  # out of placement's index
         self._overloaded.discard(worker)
@@ -384,6 +520,13 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         )
         self.scheduler.transitions(recommendations, stimulus_id)
 
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Follow a move of Dask's work stealing the moment it is enacted."""
+        if topic == "stealing" and self._moving:
+            key = _dask_internals.steal_confirmed(msg)
+            if key is not None and key in self._moving:
+                self._steal_confirmed(key)
+
     def transition(
         self, key: Hashable, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
     ) -> None:
@@ -399,17 +542,19 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             if record is not None:
                 if self._moving:
                     self._moving.discard(key)
+                if self._stranded:
+                    self._unstrand(key, record[0])
                 ts = self.scheduler.tasks.get(key) if finish == "memory" else None
                 if ts is not None and ts.actor:
                     # Dask frees an actor's resources once its constructor returns; its
                     # devices stay held (and counted in placement) until it goes away.
-                    self._actor_holds[key] = record
+                    self._hold(key, *record)
                 else:
                     self._exit_processing(*record)
         elif start == "memory":
             if self._actor_holds and key in self._actor_holds:
                 # the actor was released, killed, or lost with its worker
-                self._exit_processing(*self._actor_holds.pop(key))
+                self._unhold(key)
         if self._rejected:
             if finish == "no-worker" and key in self._rejected:
                 self.scheduler.loop.add_callback(self._fail_rejected, key)

@@ -28,7 +28,7 @@ from distributed.core import Status
 from distributed.worker import get_worker, thread_state
 from distributed.worker_state_machine import TaskState, WorkerState
 
-from . import _config, _dask_internals, _nvml
+from . import _config, _dask_internals, _names, _nvml
 from ._admission import GPU, ConstrainedIndex, DevicesFreed, admission_class, gpu_amount
 from ._allocator import DeviceLedger
 from ._context import get_gpu_ids
@@ -56,8 +56,9 @@ logger = logging.getLogger("distributed.gpuresources")
 #: seconds a cancelled actor's lingering instance may keep its devices (see watch_instance)
 LINGER_LIMIT = 30.0
 
-#: Name of the worker plugin (and of the worker's RPC handler).
-PLUGIN_NAME = "gpuresources"
+#: Name of the worker plugin (and of the worker's RPC handler); defined in the leaf module
+#: ``_names`` so that the scheduler side need not import this one for it.
+PLUGIN_NAME = _names.PLUGIN_NAME
 
 
 def _declared_gpus(state: WorkerState) -> float | None:

@@ -170,3 +170,28 @@ async def test_a_plain_actor_method_runs_under_the_name_class_method_and_is_foun
     two = await c.submit(_Finds, actor=True)
     assert await one.where() == ("Finds.where", one.key)  # Dask's key_split drops the "_"
     assert await two.where() == ("Finds.where", two.key)
+
+
+@gen_cluster(client=True, nthreads=[("", 1), ("", 1)], worker_kwargs={"resources": {"GPU": 1}})
+async def test_stealing_an_actor_logs_confirm_and_leaves_it_in_the_victims_actors(c, s, a, b):
+    # Why placement follows a move by the "confirm" event (steal_confirmed) and records a
+    # moved actor on its new worker itself (move_actor).
+    from distributed import Event
+
+    from dask_gpuresources._dask_internals import move_actor, steal_confirmed
+
+    event = Event()
+    blocker = c.submit(event.wait, 30, resources={"GPU": 1}, workers=[a.address], pure=False)
+    actor = c.submit(_Actor, actor=True, resources={"GPU": 1}, workers=[a.address])
+    while actor.key not in a.state.tasks or a.state.tasks[actor.key].state != "constrained":
+        await asyncio.sleep(0.01)
+    ts = s.tasks[actor.key]
+    s.extensions["stealing"].move_task_request(ts, s.workers[a.address], s.workers[b.address])
+    proxy = await asyncio.wait_for(actor, 30)
+    assert await proxy.ping()
+    confirmed = [m for _, m in s.get_events("stealing") if steal_confirmed(m) == actor.key]
+    assert len(confirmed) == 1
+    assert ts in s.workers[a.address].actors and ts not in s.workers[b.address].actors
+    move_actor(ts, s.workers[a.address], s.workers[b.address])
+    await event.set()
+    await blocker
