@@ -130,7 +130,7 @@ def get_gpu_ids() -> list[int]:
         return list(context.gpu_ids)
     global _lookup
     if _lookup is None:  # imported on first use: the worker module loads distributed
-        from .worker import lease_of_running_task as _lookup
+        from ._lease import lease_of_running_task as _lookup
     plugin, key = _lookup()
     return plugin.ids_for(key)
 
@@ -163,7 +163,7 @@ def _thread_task_context() -> TaskContext | None:
     find (a worker without the plugin)."""
     global _lookup
     if _lookup is None:
-        from .worker import lease_of_running_task as _lookup
+        from ._lease import lease_of_running_task as _lookup
     from .exceptions import NoLeaseError
 
     try:
@@ -222,7 +222,7 @@ def get_runtime_context() -> RuntimeContext:
     from .exceptions import NoLeaseError
 
     try:
-        from .worker import lease_of_running_task
+        from ._lease import lease_of_running_task
 
         plugin, key = lease_of_running_task()
     except NoLeaseError:

@@ -7,8 +7,8 @@
 - :class:`GPUWorkerPlugin` wires it in: sizes the ledger from the declared (or detected)
   count, maps its slots to the worker's own ``CUDA_VISIBLE_DEVICES``, installs per-device
   admission (:mod:`._admission`) and publishes the leases with the heartbeat.
-- :func:`lease_of_running_task` finds the lease of a thread-pool task for
-  :func:`~dask_gpuresources.get_gpu_ids`.
+- :func:`devices_of` and :func:`lease_of_running_task` (from :mod:`._lease`) find a worker's
+  device state and the lease of a thread-pool task for :func:`~dask_gpuresources.get_gpu_ids`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import psutil
 from dask.utils import parse_bytes, parse_timedelta
 from distributed import WorkerPlugin
 from distributed.core import Status
-from distributed.worker import get_worker, thread_state
 from distributed.worker_state_machine import TaskState, WorkerState
 
 from . import _config, _dask_internals, _names, _nvml
@@ -34,9 +33,10 @@ from ._allocator import DeviceLedger
 from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
 from ._isolation import EXECUTOR_NAME, IsolatedExecutor, IsolatedRun
+from ._lease import devices_of, lease_of_running_task
 from ._nvml import NVMLBackend, default_backend, detect
 from ._requests import parse_max_calls
-from .exceptions import DeviceCountError, NoLeaseError
+from .exceptions import DeviceCountError
 
 __all__ = [
     "GPU",
@@ -660,12 +660,6 @@ def _nvml_uuid(backend: NVMLBackend, token: str) -> str | None:
     return _nvml.uuid_of(backend, token)
 
 
-def devices_of(worker: Any) -> WorkerDevices | None:
-    """The worker's device state, or None on a worker without dask_gpuresources."""
-    devices = _dask_internals.worker_extension(worker, PLUGIN_NAME)
-    return devices if isinstance(devices, WorkerDevices) and not devices.closed else None
-
-
 class GPUWorkerPlugin(WorkerPlugin):
     """Turns a worker's declared GPU count into leases on concrete devices.
 
@@ -740,53 +734,6 @@ class GPUWorkerPlugin(WorkerPlugin):
     def snapshot(self) -> dict:
         """The worker's devices and their holders (see :meth:`WorkerDevices.snapshot`)."""
         return self.devices.snapshot() if self.devices is not None else {"devices": []}
-
-
-def _running_task() -> tuple[Any, Hashable]:
-    try:
-        worker = get_worker()
-    except ValueError:
-        raise NoLeaseError(
-            "get_gpu_ids() was called outside a Dask task; call it inside a function you "
-            "submit, e.g. client.submit(train, resources={'GPU': 1}). In a thread that a "
-            "task started (Python threads do not inherit the task's context), call it in "
-            "the task and pass the ids on; a remote function's thread may instead start with "
-            "contextvars.copy_context().run, e.g. threading.Thread(target="
-            "contextvars.copy_context().run, args=(work,))"
-        ) from None
-    key = getattr(thread_state, "key", None)
-    if key is not None and getattr(thread_state, "actor", False):
-        # A plain Dask actor's method: Dask names the thread "Class.method"; the lease is
-        # the actor's, under its own key.
-        key = _dask_internals.running_actor_key(worker)
-        if key is None:
-            raise NoLeaseError(
-                "get_gpu_ids() cannot tell which actor runs this method; call it in the "
-                "actor's constructor and keep the ids (self.gpu_ids = get_gpu_ids())"
-            )
-    if key is None:
-        raise NoLeaseError(
-            "get_gpu_ids() was called on a worker thread that runs no Dask task: an async "
-            "task or actor method (they run on the worker's event loop), or a thread that a "
-            "task started (Python threads do not inherit the task's context). Call it in the "
-            "task itself and pass the ids on; a remote function's thread may instead start "
-            "with contextvars.copy_context().run, e.g. threading.Thread(target="
-            "contextvars.copy_context().run, args=(work,))"
-        )
-    return worker, key
-
-
-def lease_of_running_task() -> tuple[WorkerDevices, Hashable]:
-    """The device state of the worker running this thread's task, and that task's key."""
-    worker, key = _running_task()
-    devices = devices_of(worker)
-    if devices is None:
-        raise NoLeaseError(
-            f"worker {worker.address} runs without dask_gpuresources; start the scheduler "
-            "with `dask scheduler --preload dask_gpuresources` or call "
-            "dask_gpuresources.install(client)"
-        )
-    return devices, key
 
 
 def _cluster_of(worker: Any) -> dict[str, Any] | None:
