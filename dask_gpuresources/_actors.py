@@ -9,7 +9,9 @@ in the actor's creation task (the moment the worker leased its devices); from th
   actor's own (so different actors on one worker run concurrently, and the worker's event
   loop never waits on user code);
 - with ``isolation="process"`` the instance lives in a dedicated child process bound to the
-  actor's devices, and each method call is forwarded there.
+  actor's devices (:class:`~dask_gpuresources._isolation.IsolatedActor`, driven by the
+  worker's event loop), and each method call is forwarded there; a kill ends that process
+  in any state, and its death in any state fails the calls and ends the hold.
 
 Inside the constructor and every method, ``get_gpu_ids()`` and ``get_runtime_context()``
 answer for the actor.

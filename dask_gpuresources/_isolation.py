@@ -353,7 +353,14 @@ class IsolatedExecutor(Executor):
         actor = IsolatedActor(self, context, loop=loop, on_death=on_death)
         with self._lock:
             self._actors[actor.key] = actor
-        return asyncio.run_coroutine_threadsafe(actor.construct(cls, args, kwargs), loop).result()
+        future = asyncio.run_coroutine_threadsafe(actor.construct(cls, args, kwargs), loop)
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if loop.is_closed():  # the worker went without finishing it
+                    actor.kill("its worker closed", grace=0.0)
+                    raise RuntimeError("the isolated executor has been shut down") from None
 
     def _actor_gone(self, actor: IsolatedActor) -> None:
         with self._lock:
@@ -640,7 +647,7 @@ class IsolatedActor:
         self.child = child
         self._watch()
         if self.state is DYING:  # killed while its process was starting
-            self._signal(signal.SIGTERM)
+            self._signal(signal.SIGKILL if self._grace <= 0 else signal.SIGTERM)
             self._arm_sigkill()
         if self.state is not CONSTRUCTING:
             raise await self._error_when_gone()

@@ -413,7 +413,8 @@ class WorkerDevices:
         """Call ``finalizer()`` when the actor ``key`` goes away (released, killed, lost).
 
         ``finalizer`` may return a future that is done once the actor's running method
-        returns; its devices stay leased until then.
+        returns (thread mode) or its child process is gone (isolated); its devices stay
+        leased until then.
         """
         self.finalizers[key] = finalizer
         self.actors.add(key)
@@ -481,8 +482,8 @@ class WorkerDevices:
                 return True
             return False
         if drained is not None and not drained.done():
-            # A thread-mode actor's method is still running on its device: the lease
-            # stays until it returns.
+            # A thread-mode actor's method is still running on its device, or an isolated
+            # actor's process has not yet exited: the lease stays until then.
             loop = self.worker.loop
 
             def done(_: Any) -> None:

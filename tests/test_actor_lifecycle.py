@@ -126,9 +126,13 @@ def test_a_child_that_dies_in_a_call_fails_the_call_and_ends_the_hold(cluster, t
         gr.get(actor.pid.remote(), timeout=TIMEOUT)
 
 
-@pytest.mark.parametrize("ignore_sigterm", [False, True], ids=["sigterm", "sigkill"])
-def test_kill_during_a_slow_constructor_ends_the_child_and_frees_the_device(
-    cluster, tmp_path, ignore_sigterm
+@pytest.mark.parametrize(
+    "end, ignore_sigterm",
+    [("kill", False), ("kill", True), ("del", False)],
+    ids=["kill-sigterm", "kill-sigkill", "del"],
+)
+def test_ending_an_actor_during_a_slow_constructor_ends_the_child_and_frees_the_device(
+    cluster, tmp_path, end, ignore_sigterm
 ):
     # Before: the child ran its constructor to the end (here: never) and kept device 0.
     # A child that ignores SIGTERM gets SIGKILL after kill-grace-period (1 s here); the
@@ -136,7 +140,10 @@ def test_kill_during_a_slow_constructor_ends_the_child_and_frees_the_device(
     started = str(tmp_path / "started")
     actor = Worker.remote(started, ignore_sigterm)
     pid = _pid_in(started)
-    gr.kill(actor)
+    if end == "kill":
+        gr.kill(actor)
+    else:
+        del actor
     assert gr.get(device_and_alive.remote(pid), timeout=TIMEOUT) == ([0], False)
     assert not _alive(pid)
 
