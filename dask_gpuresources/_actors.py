@@ -9,7 +9,9 @@ in the actor's creation task (the moment the worker leased its devices); from th
   actor's own (so different actors on one worker run concurrently, and the worker's event
   loop never waits on user code);
 - with ``isolation="process"`` the instance lives in a dedicated child process bound to the
-  actor's devices, and each method call is forwarded there.
+  actor's devices (:class:`~dask_gpuresources._isolation.IsolatedActor`, driven by the
+  worker's event loop), and each method call is forwarded there; a kill ends that process
+  in any state, and its death in any state fails the calls and ends the hold.
 
 Inside the constructor and every method, ``get_gpu_ids()`` and ``get_runtime_context()``
 answer for the actor.
@@ -19,11 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import pickle
 from collections.abc import Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from distributed.worker import get_worker, thread_state
@@ -57,12 +58,20 @@ class ActorHost:
         self._instance: Any = None
         self._child: Any = None
         self._dead: str | None = None
+        self._devices = devices
+        self._closed = False
         executor = devices.executor if devices is not None else None
-        self._executor = executor
         if isolation == "process" and executor is not None:
-            self._child = executor.start_actor(self.context, cls, args, kwargs)
-            # From now on the worker's event loop talks to the child (no thread hop).
-            self._child.sock.setblocking(False)
+            # Constructed on the worker's event loop, which owns the child from now on (its
+            # calls, its kill, the watch on its process); this thread waits for it.
+            self._child = executor.start_actor(
+                self.context,
+                cls,
+                args,
+                kwargs,
+                loop=worker.loop.asyncio_loop,
+                on_death=self._child_died,
+            )
         else:
             with _context.use(self.context):
                 self._instance = cls(*args, **kwargs)
@@ -142,7 +151,7 @@ class ActorHost:
         # leaves the count above zero: later calls then take the task path, in order.)
         self._starting -= started
         async with self._io:
-            return await self._executor.acall_actor(self._child, context, method, payload)
+            return await self._child.call(context, method, payload)
 
     def _run(self, context: TaskContext, method: str, payload: bytes) -> Any:
         if self._dead is not None:  # queued behind a method that was running at kill()
@@ -158,22 +167,32 @@ class ActorHost:
         async with self._turn:
             self._turn.notify_all()
 
-    def close(self) -> Future | None:
+    def _child_died(self, cause: str) -> None:
+        """The isolated child is gone (on the loop): calls fail, and unless the actor was
+        closed (its hold then ends with the close), its hold ends now."""
+        if self._dead is None:
+            self._dead = cause
+        if self._early:
+            asyncio.ensure_future(self._wake())
+        if not self._closed and self._devices is not None:
+            self._devices.actor_died(self.key)
+
+    def close(self) -> Any:
         """End the actor: its child process, its thread. Called when Dask releases it.
 
-        Returns a future that is done once a method running on the actor's thread returns
-        (its devices stay leased until then), or None when nothing runs on its devices.
+        Returns a future that is done once a method running on the actor's thread returns,
+        or once the isolated child's process is gone (its devices stay leased until then),
+        or None when nothing runs on its devices.
         """
-        self._dead = "it was killed or released"
+        self._closed = True
+        self._dead = self._dead or "it was killed or released"
         self._instance = None
         if self._early:
             # Calls waiting for an earlier one that will never come: fail them now.
             asyncio.ensure_future(self._wake())
         if self._child is not None:
-            with contextlib.suppress(Exception):
-                self._executor.end_actor(self.key)
             self._thread.shutdown(wait=False)
-            return None
+            return self._child.kill("it was killed or released")
         # Calls queued behind the running one fail at once (see _run); the marker is done
         # when the running one returns.
         drained = self._thread.submit(_nothing)

@@ -36,10 +36,74 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+class ChainedError(Exception):
+    """Stands in for an exception in a ``__cause__``/``__context__`` chain that cannot be
+    pickled: its type's name and its text, so the worker still gets the original error."""
+
+    def __init__(self, type_name: str, text: str) -> None:
+        self.type_name = type_name
+        self.text = text
+        super().__init__(f"{type_name}: {text}" if text else type_name)
+
+    def __reduce__(self):
+        return type(self), (self.type_name, self.text)
+
+
+def _picklable(exc: BaseException) -> bool:
+    try:
+        pickle.dumps(exc, protocol=5)
+    except Exception:
+        # cloudpickle takes what the standard pickler cannot (dumps tries both)
+        try:
+            import cloudpickle
+
+            cloudpickle.dumps(exc, protocol=5)
+        except Exception:
+            return False
+    return True
+
+
+def _replace_unpicklable_chain(exc: BaseException) -> None:
+    """Replace each chained exception that cannot be pickled by a :class:`ChainedError`,
+    so that the error itself comes back whole (its chain reads the same)."""
+    replaced: dict[int, BaseException] = {id(exc): exc}  # each link once, and what it became
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        for attr in ("__cause__", "__context__"):
+            chained = getattr(current, attr)
+            if chained is None:
+                continue
+            if id(chained) in replaced:  # ``raise b from a`` in ``except a``: both links
+                setattr(current, attr, replaced[id(chained)])
+                continue
+            # Tried without its own chain: a link further down is judged on its own.
+            cause, context = chained.__cause__, chained.__context__
+            chained.__cause__ = chained.__context__ = None
+            ok = _picklable(chained)
+            chained.__cause__, chained.__context__ = cause, context
+            if not ok:
+                stand_in = ChainedError(type(chained).__qualname__, str(chained))
+                stand_in.__traceback__ = chained.__traceback__
+                stand_in.__cause__, stand_in.__context__ = cause, context
+                stand_in.__suppress_context__ = chained.__suppress_context__
+                replaced[id(chained)] = stand_in
+                setattr(current, attr, stand_in)
+                chained = stand_in
+            else:
+                replaced[id(chained)] = chained
+            todo.append(chained)
+
+
 def _error_frames(exc: BaseException) -> list[Any]:
     from tblib import pickling_support
 
     pickling_support.install(exc)
+    try:
+        return dumps(("error", exc))
+    except Exception:
+        pass
+    _replace_unpicklable_chain(exc)
     try:
         return dumps(("error", exc))
     except Exception:
@@ -57,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(argv[0]))
+    # Not inherited by processes the user's code starts: a grandchild holding it would keep
+    # the worker from seeing this child's end of the connection close.
+    sock.set_inheritable(False)
     _watch_parent(int(argv[1]))
     try:
         op, init = loads(recv(sock))

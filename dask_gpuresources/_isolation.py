@@ -19,6 +19,10 @@ variable once, when they load) has to run in a process of its own. This module p
   dies while idle fails nothing (the next task gets a fresh one); a cancelled task's child is
   ended and never reused; idle children are reaped; ``shutdown`` ends them all. A child also
   ends itself if the worker process disappears.
+- An isolated actor has a child of its own for its whole life, driven by the worker's event
+  loop (:class:`IsolatedActor`): its construction, its calls, its kill (SIGTERM, then SIGKILL
+  after ``kill-grace-period``) and the watch on its process, whose exit in any state fails
+  the actor's calls and tells the worker to end its hold.
 
 The wire format is :mod:`dask_gpuresources._wire` (pure framing and pickling), the child's
 main loop :mod:`dask_gpuresources._child` (it imports neither ``distributed`` nor the worker
@@ -28,9 +32,11 @@ modules); this module is the worker's side: the pool of warm children bound to l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -43,9 +49,9 @@ from typing import Any
 
 from . import _wire
 from ._context import TaskContext
-from .exceptions import IsolatedTaskError
+from .exceptions import ActorDiedError, IsolatedTaskError, _describe_exit
 
-__all__ = ["EXECUTOR_NAME", "IsolatedExecutor", "IsolatedRun"]
+__all__ = ["EXECUTOR_NAME", "IsolatedActor", "IsolatedExecutor", "IsolatedRun"]
 
 logger = logging.getLogger("distributed.gpuresources")
 
@@ -178,6 +184,8 @@ class IsolatedExecutor(Executor):
     cluster
         Returns ``{"scheduler": address, "security": {field: value}}`` for a new child, so
         that ``.remote()`` inside an isolated task can reach the cluster; None: it cannot.
+    kill_grace
+        Seconds a killed isolated actor's child has between SIGTERM and SIGKILL.
     """
 
     def __init__(
@@ -192,8 +200,10 @@ class IsolatedExecutor(Executor):
         nvml: Any = None,
         recycle_gpu_memory: int | None = None,
         cluster: Callable[[], dict[str, Any] | None] | None = None,
+        kill_grace: float = 3.0,
     ) -> None:
         self._resolve = resolve
+        self.kill_grace = kill_grace
         self._cluster = cluster
         self._worker_address = worker_address
         self._threads = ThreadPoolExecutor(max_workers, thread_name_prefix="gpuresources-isolated")
@@ -210,7 +220,7 @@ class IsolatedExecutor(Executor):
         self._inflight: dict[Hashable, int] = {}
         #: Cancels of in-flight keys that have no child yet; dropped when their task ends.
         self._aborted: dict[Hashable, str] = {}
-        self._actors: dict[Hashable, _Child] = {}
+        self._actors: dict[Hashable, IsolatedActor] = {}
         self._closed = False
         self._reaper_wake = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -261,10 +271,13 @@ class IsolatedExecutor(Executor):
         with self._lock:
             self._closed = True
             children = [c for cs in self._idle.values() for c in cs]
-            children += list(self._running.values()) + list(self._actors.values())
+            children += list(self._running.values())
+            actors = list(self._actors.values())
             self._idle.clear()
             self._actors.clear()
         self._reaper_wake.set()
+        for actor in actors:
+            actor.kill("its worker closed", grace=0.0)
         for child in children:
             child.abort_reason = child.abort_reason or "was stopped because its worker closed"
             child.kill()
@@ -284,6 +297,10 @@ class IsolatedExecutor(Executor):
         reuses its key. A cancel that comes before Dask submits the task is not recorded;
         that task runs to its end, and Dask discards its result.
         """
+        actor = self._actors.get(key)
+        if actor is not None:  # an isolated actor cancelled while it is constructed
+            actor.kill("it was killed while its constructor ran")
+            return True
         with self._lock:
             if key not in self._inflight:
                 return False
@@ -304,7 +321,7 @@ class IsolatedExecutor(Executor):
             groups = [
                 *(("idle", c) for cs in self._idle.values() for c in cs),
                 *(("running", c) for c in self._running.values()),
-                *(("actor", c) for c in self._actors.values()),
+                *(("actor", a.child) for a in self._actors.values() if a.child is not None),
             ]
         rows = [
             {"pid": c.pid, "devices": list(c.tokens), "state": state, "calls": c.calls}
@@ -314,70 +331,41 @@ class IsolatedExecutor(Executor):
 
     # -- actors: one dedicated child each, for the actor's whole life ---------------------
 
-    def start_actor(self, context: TaskContext, cls: type, args: tuple, kwargs: dict) -> _Child:
+    def start_actor(
+        self,
+        context: TaskContext,
+        cls: type,
+        args: tuple,
+        kwargs: dict,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        on_death: Callable[[str], None],
+    ) -> IsolatedActor:
         """Start a child bound to the actor's devices and construct the actor in it.
 
-        Blocks until the constructor returns (call it from the actor's creation task); the
-        constructor's exception is raised here.
+        Called from the actor's creation task (a worker thread): the construction runs on
+        ``loop`` (the worker's event loop, which owns the actor from now on) and this thread
+        waits for it; the constructor's exception is raised here. ``on_death(cause)`` is
+        called on the loop if the child dies after its construction, by a kill or not.
         """
         if self._closed:
             raise RuntimeError("the isolated executor has been shut down")
-        child = self._start(context.tokens)
+        actor = IsolatedActor(self, context, loop=loop, on_death=on_death)
         with self._lock:
-            self._actors[context.key] = child
-        try:
-            child.wait_ready()
-            child.call(_wire.dumps(("actor-init", context, cls, args, kwargs)))
-        except (EOFError, OSError) as err:
-            self.end_actor(context.key)
-            raise self._died(child, IsolatedRun(context.key, (), context.tokens, 0)) from err
-        except BaseException:
-            self.end_actor(context.key)
-            raise
-        return child
+            self._actors[actor.key] = actor
+        future = asyncio.run_coroutine_threadsafe(actor.construct(cls, args, kwargs), loop)
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if loop.is_closed():  # the worker went without finishing it
+                    actor.kill("its worker closed", grace=0.0)
+                    raise RuntimeError("the isolated executor has been shut down") from None
 
-    async def acall_actor(
-        self, child: _Child, context: TaskContext, name: str, payload: bytes
-    ) -> Any:
-        """Run method ``name`` of the actor hosted by ``child``, from the worker's event loop.
-
-        ``payload`` is the caller's pickle of ``(args, kwargs)``: it goes to the child as an
-        out-of-band buffer (no copy, no unpickling here), and a large reply is unpickled on
-        a thread, so that the event loop never spends more than a few microseconds per call
-        whatever the call carries. The child's socket is non-blocking; the caller runs one
-        call at a time per actor.
-        """
-        frames = _wire.dumps(("actor-call", context, name, pickle.PickleBuffer(payload)))
-        try:
-            await _wire.asend(child.sock, frames)
-            reply = await _wire.arecv(child.sock)
-            if sum(f.nbytes for f in reply) > OFF_LOOP_BYTES:
-                op, value = await asyncio.get_running_loop().run_in_executor(
-                    None, _wire.loads, reply
-                )
-            else:
-                op, value = _wire.loads(reply)
-        except (EOFError, OSError) as err:
-            child.kill()
-            from .exceptions import ActorDiedError
-
-            reason = child.abort_reason or (
-                f"its isolated child process (pid {child.pid}, CUDA_VISIBLE_DEVICES="
-                f"{','.join(child.tokens)!r}) ended with exit code {child.proc.poll()}"
-            )
-            raise ActorDiedError(context.actor, self._worker_address(), reason) from err
-        if op == "error":
-            raise value
-        return value
-
-    def end_actor(self, key: Hashable, reason: str = "it was killed") -> None:
-        """End the child of actor ``key`` (killed, released, or its worker closing)."""
+    def _actor_gone(self, actor: IsolatedActor) -> None:
         with self._lock:
-            child = self._actors.pop(key, None)
-        if child is not None:
-            child.abort_reason = child.abort_reason or reason
-            child.kill()
-            threading.Thread(target=child.close, daemon=True).start()  # reap it
+            if self._actors.get(actor.key) is actor:
+                del self._actors[actor.key]
 
     # -- running a task (on one of the executor's threads) ----------------------------------
 
@@ -591,3 +579,260 @@ class IsolatedExecutor(Executor):
         for child in stale:
             child.close()
         return len(stale) + len(dead)
+
+
+# -- isolated actors --------------------------------------------------------------------------
+
+CONSTRUCTING = "constructing"
+READY = "ready"
+CALLING = "calling"
+DYING = "dying"
+DEAD = "dead"
+
+
+class IsolatedActor:
+    """An isolated actor's child process: one state machine, owned by the worker's event loop.
+
+    ``constructing`` -> ``ready`` <-> ``calling``; from any of these, ``kill()`` leads to
+    ``dying`` (SIGTERM, then SIGKILL after ``gpuresources.isolation.kill-grace-period``) and
+    the child's exit, whatever its cause, to ``dead``. Everything here runs on the loop
+    except :meth:`kill` from another thread (it hands off to the loop). The loop watches the
+    process itself (a pidfd, or a thread waiting on it where there is none), so a death in any
+    state is seen at once, and a call in flight never waits on a socket nobody writes to.
+
+    The socket is closed only on the loop and only when no read or write of it is pending
+    (after asyncio has removed its reader): closed from another thread, the loop would keep
+    polling a file descriptor that the next socket opened may reuse, and that socket would
+    never be read.
+    """
+
+    def __init__(
+        self,
+        executor: IsolatedExecutor,
+        context: TaskContext,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        on_death: Callable[[str], None],
+    ) -> None:
+        self.key: Hashable = context.actor if context.actor is not None else context.key
+        self.context = context
+        self.state = CONSTRUCTING
+        self.child: _Child | None = None
+        #: why it is dying or dead, for ActorDiedError
+        self.cause: str | None = None
+        self.exitcode: int | None = None
+        self._executor = executor
+        self._loop = loop
+        self._on_death = on_death
+        self._kill_reason: str | None = None
+        self._grace = executor.kill_grace
+        self._in_flight = False  # a call (or the construction) is reading or writing the socket
+        self._pidfd: int | None = None
+        self._sigkill: asyncio.TimerHandle | None = None
+        self._gone: asyncio.Future | None = None  # created on the loop
+        self._constructed = False
+
+    # -- the states ------------------------------------------------------------------------
+
+    async def construct(self, cls: type, args: tuple, kwargs: dict) -> IsolatedActor:
+        """Start the child and run the constructor in it; on the loop."""
+        loop = self._loop
+        self._gone = loop.create_future()
+        try:
+            # A process start blocks for milliseconds: off the loop.
+            child = await loop.run_in_executor(None, self._executor._start, self.context.tokens)
+        except BaseException as err:
+            self._ended(None, f"its isolated child process could not start: {err}")
+            raise
+        self.child = child
+        self._watch()
+        if self.state is DYING:  # killed while its process was starting
+            self._signal(signal.SIGKILL if self._grace <= 0 else signal.SIGTERM)
+            self._arm_sigkill()
+        if self.state is not CONSTRUCTING:
+            raise await self._error_when_gone()
+        child.sock.setblocking(False)
+        self._in_flight = True
+        try:
+            op, pid = _wire.loads(await _wire.arecv(child.sock))
+            await _wire.asend(
+                child.sock, _wire.dumps(("actor-init", self.context, cls, args, kwargs))
+            )
+            op, value = _wire.loads(await _wire.arecv(child.sock))
+        except (EOFError, OSError) as err:
+            self._socket_done()
+            raise await self._error_when_gone() from err
+        except BaseException:
+            self._socket_done()
+            self.kill("its construction was interrupted")
+            raise
+        self._socket_done()
+        if op == "error":
+            self.kill("its constructor raised")
+            await asyncio.shield(self._gone)  # its devices are free when the process is gone
+            raise value
+        if self.state is not CONSTRUCTING:  # killed just as the constructor returned
+            raise await self._error_when_gone()
+        self.state = READY
+        self._constructed = True
+        return self
+
+    async def call(self, context: TaskContext, name: str, payload: bytes) -> Any:
+        """Run method ``name`` in the child; the caller runs one call at a time.
+
+        ``payload`` is the caller's pickle of ``(args, kwargs)``: it goes to the child as an
+        out-of-band buffer (no copy, no unpickling here), and a large reply is unpickled on
+        a thread, so that the event loop never spends more than a few microseconds per call
+        whatever the call carries.
+        """
+        if self.state is not READY:
+            raise self._error()
+        sock = self.child.sock  # type: ignore[union-attr]
+        frames = _wire.dumps(("actor-call", context, name, pickle.PickleBuffer(payload)))
+        self.state = CALLING
+        self._in_flight = True
+        try:
+            await _wire.asend(sock, frames)
+            reply = await _wire.arecv(sock)
+        except (EOFError, OSError) as err:
+            self._socket_done()
+            raise await self._error_when_gone() from err
+        except BaseException:
+            # Cancelled mid-call: the child's reply would be read by the next call.
+            self._socket_done()
+            self.kill("a call to it was cancelled while it ran")
+            raise
+        self._socket_done()
+        if sum(f.nbytes for f in reply) > OFF_LOOP_BYTES:
+            op, value = await self._loop.run_in_executor(None, _wire.loads, reply)
+        else:
+            op, value = _wire.loads(reply)
+        if op == "error":
+            raise value
+        return value
+
+    def kill(self, reason: str, *, grace: float | None = None) -> asyncio.Future | None:
+        """End the child: SIGTERM now, SIGKILL once ``grace`` seconds have passed.
+
+        Returns a future (of the loop) that is done once the process is gone, or None when
+        called off the loop (the kill is handed to the loop).
+        """
+        if not self._on_loop():
+            if self.child is not None and grace == 0:
+                self.child.kill()  # a signal may come from any thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self._loop.call_soon_threadsafe(lambda: self.kill(reason, grace=grace))
+            return None
+        if grace is not None:
+            self._grace = grace
+        if self.state is DEAD or self.state is DYING:
+            if grace == 0:
+                self._signal(signal.SIGKILL)
+            return self._gone
+        self.state = DYING
+        self._kill_reason = reason
+        if self.child is not None:  # else construct() signals it once it has started
+            self._signal(signal.SIGKILL if self._grace <= 0 else signal.SIGTERM)
+            self._arm_sigkill()
+        return self._gone
+
+    # -- the process -----------------------------------------------------------------------
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _signal(self, signum: int) -> None:
+        proc = self.child.proc  # type: ignore[union-attr]
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    def _arm_sigkill(self) -> None:
+        if self._sigkill is None and self._grace > 0:
+            self._sigkill = self._loop.call_later(self._grace, self._signal, signal.SIGKILL)
+
+    def _watch(self) -> None:
+        """Have the loop learn of the child's exit at once, in any state."""
+        proc = self.child.proc  # type: ignore[union-attr]
+        try:
+            self._pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3: a thread waits for it
+            loop = self._loop
+
+            def wait() -> None:
+                proc.wait()
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._exited)
+
+            threading.Thread(target=wait, name=f"watch-{proc.pid}", daemon=True).start()
+        else:
+            self._loop.add_reader(self._pidfd, self._exited)
+
+    def _exited(self) -> None:
+        """The child's process has ended (on the loop)."""
+        if self.state is DEAD:
+            return
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        child = self.child
+        code = child.proc.wait()  # type: ignore[union-attr]
+        if self._kill_reason is not None:
+            cause = self._kill_reason
+        else:
+            cause = (
+                f"its isolated child process (pid {child.pid}, CUDA_VISIBLE_DEVICES="  # type: ignore[union-attr]
+                f"{','.join(self.context.tokens)!r}) died, {_describe_exit(code)}"
+            )
+            logger.warning("Isolated actor %r: %s", self.key, cause)
+        self._ended(code, cause)
+        if self._constructed:  # a construction's failure is its creation task's to report
+            self._on_death(cause)
+
+    def _ended(self, code: int | None, cause: str) -> None:
+        self.exitcode = code
+        self.cause = cause
+        self.state = DEAD
+        if self._sigkill is not None:
+            self._sigkill.cancel()
+            self._sigkill = None
+        child = self.child
+        if child is not None:
+            if self._in_flight:
+                # Wake the pending read (EOF) without freeing the descriptor: the call that
+                # holds it closes it once asyncio has let go of it.
+                with contextlib.suppress(OSError):
+                    child.sock.shutdown(socket.SHUT_RDWR)
+            else:
+                child.sock.close()
+        self._executor._actor_gone(self)
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(code)
+
+    def _socket_done(self) -> None:
+        self._in_flight = False
+        if self.state is CALLING:
+            self.state = READY
+        elif self.state is DEAD:
+            self.child.sock.close()  # type: ignore[union-attr]
+
+    async def _error_when_gone(self) -> ActorDiedError:
+        """The error for a call or construction that lost its child, once the process is
+        gone. Its end of the socket closes as it exits, often a moment before the loop sees
+        the exit; a child that closed it and lives on is broken: it is ended."""
+        gone = self._gone
+        if self.state is not DEAD:
+            try:
+                await asyncio.wait_for(asyncio.shield(gone), max(self._grace, 1.0))
+            except asyncio.TimeoutError:
+                self.kill("its isolated child process closed its connection", grace=0.0)
+                await asyncio.shield(gone)  # type: ignore[arg-type]
+        return self._error()
+
+    def _error(self) -> ActorDiedError:
+        cause = self.cause or self._kill_reason or f"it is {self.state}"
+        return ActorDiedError(self.key, self._executor._worker_address(), cause)

@@ -111,6 +111,8 @@ class WorkerDevices:
         self._collecting: dict[Hashable, Any] = {}
         #: of those, the ones whose hold ended before their instance was collected
         self._awaiting: set[Hashable] = set()
+        #: isolated actors whose child died after construction, before their hold began
+        self._died_early: set[Hashable] = set()
         self._isolation = "thread"
         self._max_calls = 0
         self._bypass_limit = 10.0
@@ -250,6 +252,9 @@ class WorkerDevices:
             nvml=None if memory is None else (self.nvml or default_backend()),
             recycle_gpu_memory=memory,
             cluster=lambda: _cluster_of(worker),
+            kill_grace=parse_timedelta(
+                _config.get("gpuresources.isolation.kill-grace-period"), default="s"
+            ),
         )
         worker.executors[EXECUTOR_NAME] = self.executor
 
@@ -364,7 +369,7 @@ class WorkerDevices:
         self._book_used -= amount
         self._sync_book()
         key = ts.key
-        if actor and key in self.ledger:
+        if actor and key in self.ledger and not self._ended_early(key):
             # An actor keeps its devices from construction until it goes away. Dask's own
             # books count them free once the constructor returns; the ledger, which admits
             # GPU tasks, does not. One that did not construct, or was cancelled meanwhile,
@@ -389,11 +394,28 @@ class WorkerDevices:
             used = self._book_used = used.numerator  # whole again: back to int arithmetic
         state.available_resources[GPU] = total - used  # exact: whole numbers of devices
 
+    def _ended_early(self, key: Hashable) -> bool:
+        if key in self._died_early:
+            self._died_early.discard(key)
+            return True
+        return False
+
+    def actor_died(self, key: Hashable) -> None:
+        """The isolated child of live actor ``key`` died (not by a kill): its hold ends now,
+        on the event loop. (Its calls fail with ActorDiedError; its handle may live on.)"""
+        if self.actor_holds.pop(key, None) is not None:
+            self._drained(key)
+        elif key in self.ledger:
+            # Constructed, but Dask has not yet finished the creation task: the hold that
+            # would begin then must not (see release).
+            self._died_early.add(key)
+
     def on_actor_release(self, key: Hashable, finalizer: Any) -> None:
         """Call ``finalizer()`` when the actor ``key`` goes away (released, killed, lost).
 
         ``finalizer`` may return a future that is done once the actor's running method
-        returns; its devices stay leased until then.
+        returns (thread mode) or its child process is gone (isolated); its devices stay
+        leased until then.
         """
         self.finalizers[key] = finalizer
         self.actors.add(key)
@@ -443,6 +465,7 @@ class WorkerDevices:
         Returns whether devices came free now (else later, or none were held).
         """
         self.actors.discard(key)
+        self._died_early.discard(key)
         watched = self._collecting.pop(key, None)
         if watched is not None and watched.alive and key in self.ledger:
             # its instance still exists: the hold ends when it is collected, or after
@@ -460,8 +483,8 @@ class WorkerDevices:
                 return True
             return False
         if drained is not None and not drained.done():
-            # A thread-mode actor's method is still running on its device: the lease
-            # stays until it returns.
+            # A thread-mode actor's method is still running on its device, or an isolated
+            # actor's process has not yet exited: the lease stays until then.
             loop = self.worker.loop
 
             def done(_: Any) -> None:
