@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -372,7 +373,9 @@ class ActorHandle:
                     return proxy.call((self._caller, seq, method, payload))
                 # One caller for every call of this handle, answering through a plain
                 # concurrent future (see _dask_internals.actor_caller).
-                call = self._proxy_call = _dask_internals.actor_caller(proxy, "call", self._died)
+                call = self._proxy_call = _dask_internals.actor_caller(
+                    proxy, "call", _weak_died(self)
+                )
             return call((self._caller, seq, method, payload))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
             return Failed(self._died("lost" if _worker_lost(exc) else "error", exc))
@@ -429,6 +432,22 @@ class ActorHandle:
 def _worker_lost(exc: BaseException | None) -> bool:
     """Whether ``exc`` is Dask's error for an actor whose worker was lost."""
     return isinstance(exc, RuntimeError) and "Worker holding Actor was lost" in str(exc)
+
+
+def _weak_died(handle: ActorHandle) -> Callable[[str], ActorDiedError]:
+    """``handle._died`` without a reference to the handle: the caller it is given to lives
+    on the handle, and a cycle through it would keep a dropped handle (and so its actor and
+    devices) alive until a garbage collection."""
+    died = weakref.WeakMethod(handle._died)
+    key = handle._key
+
+    def gone(reason: str) -> ActorDiedError:
+        method = died()
+        if method is None:  # every handle dropped: the actor was released
+            return ActorDiedError(key, None, f"it was released ({reason})")
+        return method(reason)
+
+    return gone
 
 
 def _rebuild_handle(future: Future, cls: type, key: str, proxy: Any) -> ActorHandle:
