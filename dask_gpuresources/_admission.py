@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import functools
 import itertools
-from time import monotonic as time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from time import monotonic as time
 from typing import TYPE_CHECKING, Any
 
 from distributed.worker_state_machine import (

@@ -154,9 +154,7 @@ class WorkerDevices:
 
     async def _install(self) -> None:
         worker = self.worker
-        self._aging = parse_timedelta(
-            _config.get("gpuresources.worker.bypass-limit"), default="s"
-        )
+        self._aging = parse_timedelta(_config.get("gpuresources.worker.bypass-limit"), default="s")
         state = worker.state
         declared = _declared_gpus(state)
         count, tokens, uuid_index = self._resolve_devices(declared)
@@ -220,6 +218,7 @@ class WorkerDevices:
             return
         self.closed = True
         self.queue.clear()
+        self.protected = None
         for key in list(self.finalizers):
             self._finalize(key)
         worker = self.worker
