@@ -309,7 +309,17 @@ class GPUAdmission(WorkerState):
         protected = gpu.protected
         if protected is not None and ts is not protected and gpu.conflicts(restrictions):
             return False  # held back for a request past its aging limit
-        return self._fits_now(ts)
+        # _fits_now, inlined: this runs for every restricted task the worker starts
+        amount = gpu_amount(restrictions)
+        if amount is None:
+            return super()._resource_restrictions_satisfied(ts)
+        if amount.__class__ is Refused:
+            return True
+        available = self.available_resources
+        for resource, needed in restrictions.items():
+            if resource != GPU and available[resource] < needed:
+                return False
+        return gpu.can_place(amount)
 
     def _fits_now(self, ts: TaskState) -> bool:
         """Whether ``ts``'s resources are free now (protection aside)."""
