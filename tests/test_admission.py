@@ -26,8 +26,9 @@ def ids(*_):
 
 
 def hold(name):
-    """Hold the task's devices until the distributed Event ``name`` is set."""
-    if not Event(name).wait(TIMEOUT):
+    """Hold the task's devices until the distributed Event ``name`` is set (longer than
+    any wait of the tests: a hold that gives up would free its devices and hide a hang)."""
+    if not Event(name).wait(3 * TIMEOUT):
         raise TimeoutError(name)
     return gr.get_gpu_ids()
 
@@ -95,7 +96,7 @@ def test_a_task_asking_only_free_resources_passes_a_gpu_task_waiting_for_an_acto
     nthreads=[("", 4)],
     worker_kwargs={"resources": {"GPU": 2, "MEM": 2}},
     config={"gpuresources.worker.bypass-limit": "50ms"},
-    timeout=60,
+    timeout=90,
 )
 async def test_aging_holds_back_only_what_asks_for_the_same_resources(c, s, a):
     # A GPU=2 request past its aging limit waits for a running task to drain: GPU work is
