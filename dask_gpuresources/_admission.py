@@ -17,7 +17,12 @@ fractions says nothing about whether one device can take a request, and the floa
   the hold ends whenever the key is no longer a live actor of this worker (released,
   forgotten, erred, cancelled during construction, rescheduled), by whatever transition. Its
   finalizer (the facade's actor host) runs then, GPU or not.
-- A task that does not fit does not block smaller ones that do (no head-of-line blocking).
+- A task whose resources are free starts, whatever waits before it in Dask's order (no
+  head-of-line blocking, GPU or not).
+- Aging: once a task has waited ``gpuresources.worker.bypass-limit`` without fitting, and
+  would fit once running tasks end (devices held by actors never do), it is *protected*:
+  nothing that asks for a resource it asks for starts until it has started. Its clock is
+  its own (see :class:`ConstrainedIndex`), so arrivals cannot reset it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from time import monotonic as time
 from typing import TYPE_CHECKING, Any
 
 from distributed.worker_state_machine import (
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GPU",
     "ConstrainedIndex",
+    "Refused",
     "DevicesFreed",
     "GPUAdmission",
     "admission_class",
@@ -58,21 +65,49 @@ __all__ = [
 GPU = "GPU"
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_amount(value: Any) -> Fraction | int | None:
+class Refused:
+    """The GPU amount of a request that is not valid (``GPU=1.5``, ``-1``): the worker runs
+    such a task at once, with no lease and without touching any book, and it fails with the
+    error :func:`~dask_gpuresources._requests.parse_gpu_amount` gives (the scheduler plugin
+    rejects these at submission; a worker without it must refuse them too).
+
+    Examples
+    --------
+    >>> gpu_amount({"GPU": 1.5})
+    Refused(1.5)
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Refused({self.value!r})"
+
+
+def _refuse(value: Any) -> None:
+    """What a refused task runs instead of its function: raises the error of _requests."""
+    parse_gpu_amount(value)
+    raise InvalidRequestError(f"GPU={value!r} is not a valid request")  # pragma: no cover
+
+
+def _amount(value: Any) -> Fraction | int | Refused:
     try:
         amount = parse_gpu_amount(value)
     except InvalidRequestError:
-        # The scheduler plugin rejects these at submission; a worker without it leaves the
-        # task to Dask's own accounting rather than failing it here.
-        return None
+        return Refused(value)
     # A whole number of devices as a plain int: the ledger's whole-device path then does
     # integer arithmetic only (Fraction's operators are Python code, run for every task).
     return amount.numerator if amount.denominator == 1 else amount
 
 
-def gpu_amount(restrictions: dict | None) -> Fraction | int | None:
-    """The GPU amount a task requests, exact (an int when whole), or None if it asks none.
+_cached_amount = functools.lru_cache(maxsize=1024)(_amount)
+
+
+def gpu_amount(restrictions: dict | None) -> Fraction | int | Refused | None:
+    """The GPU amount a task requests, exact (an int when whole), None if it asks none, or
+    :class:`Refused` if the amount is not valid.
 
     Examples
     --------
@@ -87,11 +122,12 @@ def gpu_amount(restrictions: dict | None) -> Fraction | int | None:
     try:
         return _cached_amount(value)
     except TypeError:  # unhashable
-        return None
+        return _amount(value)
 
 
 class ConstrainedIndex:
-    """Dask's queue of resource-restricted tasks, grouped by their restrictions.
+    """Dask's queue of resource-restricted tasks, grouped by their restrictions, with the
+    time each task started waiting.
 
     When the head of Dask's queue does not fit, the worker looks for the first task behind
     it that does. Tasks with the same restrictions fit or not together, so it is enough to
@@ -103,19 +139,28 @@ class ConstrainedIndex:
     from Dask's queue the first time the head does not fit (:meth:`activate`) and dropped when
     the queue empties, so a worker whose work always fits pays nothing for it.
 
+    A task's wait (the aging clock) starts when it is indexed: when it enters the queue while
+    the index is active, else when the index is activated, the first moment anything in the
+    queue could not start (until then the queue ran in Dask's order, passing nobody). It is
+    the task's own: arrivals and other tasks starting do not reset it.
+
     Examples
     --------
     >>> class Task:
     ...     def __init__(self, resource_restrictions, priority):
     ...         self.resource_restrictions, self.priority = resource_restrictions, priority
     >>> index = ConstrainedIndex()
-    >>> index.activate([])
+    >>> index.activate([], now=0.0)
     >>> big = Task(resource_restrictions={"GPU": 2}, priority=(0, 1))
     >>> small = Task(resource_restrictions={"GPU": 1}, priority=(0, 2))
     >>> later = Task(resource_restrictions={"GPU": 1}, priority=(0, 3))
-    >>> for ts in (later, big, small):
-    ...     index.add(ts)
+    >>> for ts, now in ((later, 1.0), (big, 2.0), (small, 3.0)):
+    ...     index.add(ts, now)
     >>> index.first(lambda ts: ts.resource_restrictions["GPU"] == 1) is small
+    True
+    >>> index.oldest_waiting(since=2.5, eligible=lambda ts: True) is later
+    True
+    >>> index.oldest_waiting(since=2.5, eligible=lambda ts: ts is not later) is big
     True
     >>> index.discard(small)
     >>> index.first(lambda ts: ts.resource_restrictions["GPU"] == 1) is later
@@ -124,25 +169,28 @@ class ConstrainedIndex:
     2
     """
 
-    __slots__ = ("_entries", "_groups", "_seq", "active")
+    __slots__ = ("_entries", "_groups", "_seq", "_waiting", "active")
 
     def __init__(self) -> None:
         self._groups: dict[tuple, SortedList] = {}
+        #: per group, its tasks in the order they were indexed -> when (oldest first)
+        self._waiting: dict[tuple, dict[TaskState, float]] = {}
         self._entries: dict[TaskState, tuple[tuple, tuple]] = {}
         self._seq = itertools.count()
         #: whether the index follows Dask's queue now (see activate)
         self.active = False
 
-    def activate(self, queued: Iterable[TaskState]) -> None:
-        """Start following Dask's queue, whose tasks (in Dask's order) are ``queued``."""
+    def activate(self, queued: Iterable[TaskState], now: float) -> None:
+        """Start following Dask's queue, whose tasks (in Dask's order) are ``queued``; their
+        wait starts ``now``."""
         self.active = True
         for ts in queued:
-            self.add(ts)
+            self.add(ts, now)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, ts: TaskState) -> None:
+    def add(self, ts: TaskState, now: float) -> None:
         if ts in self._entries:
             return
         restrictions = ts.resource_restrictions
@@ -151,7 +199,9 @@ class ConstrainedIndex:
         group = self._groups.get(group_key)
         if group is None:
             group = self._groups[group_key] = SortedList()
+            self._waiting[group_key] = {}
         group.add(entry)
+        self._waiting[group_key][ts] = now
         self._entries[ts] = (group_key, entry)
 
     def discard(self, ts: TaskState) -> None:
@@ -161,12 +211,14 @@ class ConstrainedIndex:
         group_key, entry = found
         group = self._groups[group_key]
         group.remove(entry)
+        del self._waiting[group_key][ts]
         if not group:
-            del self._groups[group_key]
+            del self._groups[group_key], self._waiting[group_key]
 
     def clear(self) -> None:
         """Forget every task and stop following the queue."""
         self._groups.clear()
+        self._waiting.clear()
         self._entries.clear()
         self.active = False
 
@@ -200,6 +252,28 @@ class ConstrainedIndex:
                 best = entry
         return None if best is None else best[2]
 
+    def oldest_waiting(
+        self,
+        since: float,
+        eligible: Callable[[TaskState], bool],
+        *,
+        live: Callable[[TaskState], bool] | None = None,
+    ) -> TaskState | None:
+        """The task that has waited longest, among those waiting since ``since`` or before
+        in the groups whose longest-waiting task is ``eligible`` (one call per group: its
+        tasks share their restrictions). Entries no longer ``live`` are dropped."""
+        best: TaskState | None = None
+        best_since = since
+        for waiting in list(self._waiting.values()):
+            while waiting:
+                ts, started = next(iter(waiting.items()))
+                if live is None or live(ts):
+                    if started <= best_since and eligible(ts):
+                        best, best_since = ts, started
+                    break
+                self.discard(ts)
+        return best
+
 
 @dataclass
 class DevicesFreed(StateMachineEvent):
@@ -231,9 +305,32 @@ class GPUAdmission(WorkerState):
         restrictions = ts.resource_restrictions
         if not restrictions:
             return True
+        gpu = self._gpu
+        protected = gpu.protected
+        if protected is not None and ts is not protected and gpu.conflicts(restrictions):
+            return False  # held back for a request past its aging limit
+        # _fits_now, inlined: this runs for every restricted task the worker starts
         amount = gpu_amount(restrictions)
         if amount is None:
             return super()._resource_restrictions_satisfied(ts)
+        if amount.__class__ is Refused:
+            return True
+        available = self.available_resources
+        for resource, needed in restrictions.items():
+            if resource != GPU and available[resource] < needed:
+                return False
+        return gpu.can_place(amount)
+
+    def _fits_now(self, ts: TaskState) -> bool:
+        """Whether ``ts``'s resources are free now (protection aside)."""
+        restrictions = ts.resource_restrictions
+        if not restrictions:
+            return True
+        amount = gpu_amount(restrictions)
+        if amount is None:
+            return super()._resource_restrictions_satisfied(ts)
+        if amount.__class__ is Refused:
+            return True  # it starts at once, only to fail
         available = self.available_resources
         for resource, needed in restrictions.items():
             if resource != GPU and available[resource] < needed:
@@ -246,6 +343,10 @@ class GPUAdmission(WorkerState):
         amount = gpu_amount(restrictions) if restrictions else None
         if amount is None:
             super()._acquire_resources(ts)
+        elif amount.__class__ is Refused:
+            # Nothing is booked or leased; the task fails when it runs.
+            _dask_internals.run_instead(ts, _refuse, amount.value)
+            return
         else:
             available = self.available_resources
             for resource, needed in restrictions.items():
@@ -261,6 +362,8 @@ class GPUAdmission(WorkerState):
         if amount is None:
             super()._release_resources(ts)
             return
+        if amount.__class__ is Refused:
+            return  # acquired nothing
         available = self.available_resources
         for resource, needed in restrictions.items():
             if resource != GPU:
@@ -276,7 +379,8 @@ class GPUAdmission(WorkerState):
                     # drops it now, but its instance lingers in the worker's execute task
                     # for a moment; its devices stay held until it is collected.
                     restrictions = ts.resource_restrictions
-                    if restrictions and gpu_amount(restrictions):
+                    amount = gpu_amount(restrictions) if restrictions else None
+                    if amount and amount.__class__ is not Refused:
                         self._gpu.watch_instance(stim.key, stim.value)
         return super().handle_stimulus(*stims)
 
@@ -290,14 +394,17 @@ class GPUAdmission(WorkerState):
             if finish == "constrained":
                 # Indexed before the transition: entering the queue also starts what fits,
                 # and that choice must already see this task.
-                queue.add(ts)
+                queue.add(ts, time())
             result = super()._transition(ts, finish, *args, stimulus_id=stimulus_id)
             if ts.state == "constrained":
-                queue.add(ts)
+                queue.add(ts, time())
             elif start == "constrained" or finish == "constrained":
                 queue.discard(ts)
+                if ts is gpu.protected:
+                    gpu.protected = None
                 if not self.constrained:
                     queue.clear()
+                    gpu.protected = None
         key = ts.key
         if start == "executing" and ts.state in ("cancelled", "released"):
             # A cancelled isolated task: end its child now, so that its devices come back
@@ -314,20 +421,32 @@ class GPUAdmission(WorkerState):
         return result
 
     def _next_ready_task(self) -> TaskState | None:
-        # Dask's own choice first: it takes the head of the constrained heap when it fits
-        # (asking _resource_restrictions_satisfied above), else a ready task.
+        gpu = self._gpu
+        constrained = self.constrained
+        if gpu.queue.active and constrained:
+            # A request past its aging limit starts as soon as it fits, before anything else.
+            protected = gpu.protect(self)
+            if protected is not None and self._fits_now(protected):
+                self._take_constrained(protected)
+                return protected
+        # Dask's own choice: the head of the constrained heap when it fits (asking
+        # _resource_restrictions_satisfied above), else a ready task.
         ts = super()._next_ready_task()
-        if ts is not None or not self.constrained:
+        if ts is not None or not constrained:
             return ts
-        # The head of the heap does not fit and nothing else is ready: a smaller GPU task
-        # behind it may fit (no head-of-line blocking).
-        candidate = self._gpu.pick_constrained(self)
+        # The head does not fit and nothing else is ready: a task behind it whose resources
+        # are free starts (no head-of-line blocking, GPU or not).
+        candidate = gpu.pick_constrained(self)
         if candidate is not None:
-            if candidate is self.constrained.peek():
-                self.constrained.pop()  # keeps the heap free of stale entries
-            else:
-                self.constrained.discard(candidate)
+            self._take_constrained(candidate)
         return candidate
+
+    def _take_constrained(self, ts: TaskState) -> None:
+        constrained = self.constrained
+        if ts is constrained.peek():
+            constrained.pop()  # keeps the heap free of stale entries
+        else:
+            constrained.discard(ts)
 
 
 def admission_class(base: type[WorkerState], devices: WorkerDevices) -> type[WorkerState]:

@@ -30,6 +30,7 @@ __all__ = [
     "running_actor_key",
     "scheduler_extension",
     "set_scheduler_extension",
+    "run_instead",
     "set_worker_extension",
     "set_worker_handler",
     "steal_confirmed",
@@ -264,6 +265,16 @@ def move_actor(ts: object, victim: object | None, thief: object | None) -> None:
         thief.actors.add(ts)  # type: ignore[attr-defined]
 
 
+def run_instead(ts: object, function: Callable[..., Any], *args: Any) -> None:
+    """Make the worker run ``function(*args)`` for the task ``ts`` instead of its own
+    function (a request the worker refuses then fails with ``function``'s exception, as any
+    task error does). Call it before the task executes: ``Worker.execute`` reads
+    ``ts.run_spec`` when the task starts."""
+    from dask._task_spec import Task
+
+    ts.run_spec = Task(ts.key, function, *args)  # type: ignore[attr-defined]
+
+
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
@@ -331,7 +342,49 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.worker_state_machine",
         "WorkerState.constrained",
-        "the worker's heap of resource-restricted tasks, scanned for one that fits",
+        "the worker's heap of resource-restricted tasks, scanned for one that fits "
+        "(peek, pop, discard, sorted, in)",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.handle_stimulus",
+        "overridden by admission to see an actor's construction end after it was cancelled",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "ExecuteSuccessEvent",
+        "an actor's construction ended: its key and its instance (value)",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.long_running",
+        "seceded tasks still hold their devices: leased when the plugin is installed",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.tasks",
+        "the task states the isolated executor looks up by key",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "TaskState.resource_restrictions",
+        "what a task asks for: admission, aging and leases read it",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "TaskState.priority",
+        "Dask's order, kept by the index of constrained tasks",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "TaskState.run_spec",
+        "async tasks are never isolated (run_spec.is_coro); a refused request's task runs a "
+        "function that raises instead (run_instead)",
+    ),
+    (
+        "dask._task_spec",
+        "Task.is_coro",
+        "async tasks run on the worker's event loop, never in an isolated child",
     ),
     (
         "distributed.worker_state_machine",

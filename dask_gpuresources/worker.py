@@ -28,7 +28,14 @@ from distributed.core import Status
 from distributed.worker_state_machine import TaskState, WorkerState
 
 from . import _config, _dask_internals, _names, _nvml
-from ._admission import GPU, ConstrainedIndex, DevicesFreed, admission_class, gpu_amount
+from ._admission import (
+    GPU,
+    ConstrainedIndex,
+    DevicesFreed,
+    Refused,
+    admission_class,
+    gpu_amount,
+)
 from ._allocator import DeviceLedger
 from ._context import get_gpu_ids
 from ._devices import device_tokens, physical_ids, visible_devices
@@ -115,8 +122,11 @@ class WorkerDevices:
         self._died_early: set[Hashable] = set()
         self._isolation = "thread"
         self._max_calls = 0
-        self._bypass_limit = 10.0
-        self._blocked: tuple[Hashable, float] | None = None
+        #: seconds a task may wait without fitting before it is protected (aging)
+        self._aging = 10.0
+        #: the task past its aging limit that nothing conflicting may pass (see protect)
+        self.protected: TaskState | None = None
+        self._protected_needs: frozenset[str] = frozenset()
         #: Dask's constrained queue, grouped by restrictions (see ConstrainedIndex)
         self.queue = ConstrainedIndex()
         self._readings: NVMLBackend | None = None  # NVML, when it sees this worker's GPUs
@@ -147,9 +157,7 @@ class WorkerDevices:
 
     async def _install(self) -> None:
         worker = self.worker
-        self._bypass_limit = parse_timedelta(
-            _config.get("gpuresources.worker.bypass-limit"), default="s"
-        )
+        self._aging = parse_timedelta(_config.get("gpuresources.worker.bypass-limit"), default="s")
         state = worker.state
         declared = _declared_gpus(state)
         count, tokens, uuid_index = self._resolve_devices(declared)
@@ -213,6 +221,7 @@ class WorkerDevices:
             return
         self.closed = True
         self.queue.clear()
+        self.protected = None
         for key in list(self.finalizers):
             self._finalize(key)
         worker = self.worker
@@ -337,7 +346,7 @@ class WorkerDevices:
     def _lease_running_tasks(self, state: WorkerState) -> None:
         for ts in list(state.executing | state.long_running):
             amount = gpu_amount(ts.resource_restrictions)
-            if amount is None:
+            if amount is None or amount.__class__ is Refused:
                 continue
             self._book_used += amount
             if ts.key in self.ledger:
@@ -515,39 +524,69 @@ class WorkerDevices:
             self.executor.abort(key, "was cancelled")
 
     def pick_constrained(self, state: WorkerState) -> TaskState | None:
-        """The highest-priority constrained task that can start now, if any.
-
-        The head of the heap goes first when it fits. When it does not, later tasks that
-        fit may pass it, until it has waited ``gpuresources.worker.bypass-limit``; from then
-        on nothing passes it while running tasks, draining, would make room for it. Devices
-        held by actors never drain: a head that only fits once an actor goes does not hold
-        smaller work back.
-        """
+        """The first task in Dask's order whose resources are free now, if any, when the
+        head of Dask's queue cannot start (no head-of-line blocking, GPU or not). While a
+        task is protected (see :meth:`protect`), tasks asking for what it asks for do not
+        count as free."""
         head = state.constrained.peek()
-        if state._resource_restrictions_satisfied(head):
-            self._blocked = None
-            return head
-        head_amount = gpu_amount(head.resource_restrictions)
-        now = time()
-        if self._blocked is None or self._blocked[0] != head.key:
-            self._blocked = (head.key, now)
-        elif now - self._blocked[1] > self._bypass_limit and (
-            head_amount is None
-            or self.ledger.fits_when_drained(head_amount, permanent=self.actor_holds)
-        ):
-            return None
-
-        if head_amount is not None and self.ledger.all_taken():
-            return None
-        fits = state._resource_restrictions_satisfied
         queue = self.queue
         if not queue.active:
-            queue.activate(state.constrained.sorted())
+            queue.activate(state.constrained.sorted(), time())
+        fits = state._resource_restrictions_satisfied
         # Tasks with the head's restrictions do not fit either; the first fitting task of
         # the other groups is the first fitting task behind the head.
         return queue.first(
             lambda ts: ts is not head and fits(ts), live=state.constrained.__contains__
         )
+
+    def protect(self, state: Any) -> TaskState | None:
+        """The protected task: the one that has waited longest among those past
+        ``gpuresources.worker.bypass-limit`` that do not fit now but will once running
+        tasks end, kept until it starts or cannot drain any more. None if there is none.
+
+        While it is protected, nothing that asks for a resource it asks for starts before
+        it; what asks for other resources does. Devices held by actors never drain: a task
+        that fits only once an actor goes is never protected, so it holds nothing back.
+        """
+        protected = self.protected
+        constrained = state.constrained
+        if protected is not None:
+            if protected in constrained and self._drains_for(protected, state):
+                return protected
+            self.protected = None
+        fits = state._fits_now
+        candidate = self.queue.oldest_waiting(
+            time() - self._aging,
+            lambda ts: not fits(ts) and self._drains_for(ts, state),
+            live=constrained.__contains__,
+        )
+        if candidate is not None:
+            self.protected = candidate
+            self._protected_needs = frozenset(
+                name for name, needed in candidate.resource_restrictions.items() if needed
+            )
+        return candidate
+
+    def conflicts(self, restrictions: dict) -> bool:
+        """Whether a task asking ``restrictions`` asks for a resource the protected task
+        asks for (then it waits until that one has started)."""
+        needs = self._protected_needs
+        for name, needed in restrictions.items():
+            if needed and name in needs:
+                return True
+        return False
+
+    def _drains_for(self, ts: TaskState, state: Any) -> bool:
+        """Whether ``ts`` fits once every running task has ended (actors keep theirs)."""
+        restrictions = ts.resource_restrictions
+        total = state.total_resources
+        for name, needed in restrictions.items():
+            if name != GPU and total.get(name, 0) < needed:
+                return False
+        amount = gpu_amount(restrictions)
+        if not amount or amount.__class__ is Refused:
+            return True
+        return self.ledger.fits_when_drained(amount, permanent=self.actor_holds)
 
     # -- isolation ---------------------------------------------------------------------------
 

@@ -195,3 +195,113 @@ async def test_stealing_an_actor_logs_confirm_and_leaves_it_in_the_victims_actor
     move_actor(ts, s.workers[a.address], s.workers[b.address])
     await event.set()
     await blocker
+
+
+# -- what admission relies on (dask_gpuresources._admission) ---------------------------------
+
+
+def _pinned():
+    return 42
+
+
+def test_the_state_machine_chooses_work_through_next_ready_task_and_satisfied():
+    # Why admission overrides _next_ready_task and _resource_restrictions_satisfied (and
+    # reads the constrained heap with peek, sorted, discard, pop and `in`).
+    from distributed.worker_state_machine import ComputeTaskEvent
+
+    asked = []
+
+    class Spy(WorkerState):
+        __slots__ = ()
+
+        def _resource_restrictions_satisfied(self, ts):
+            asked.append(ts.key)
+            return ts.key != "blocked"
+
+    state = Spy(resources={"GPU": 2}, nthreads=2)
+    state.handle_stimulus(
+        ComputeTaskEvent.dummy(
+            "blocked", resource_restrictions={"GPU": 1}, priority=(0,), stimulus_id="a"
+        )
+    )
+    blocked = state.tasks["blocked"]
+    assert blocked.state == "constrained" and asked == ["blocked"]
+    assert blocked in state.constrained and state.constrained.peek() is blocked
+    assert blocked.resource_restrictions == {"GPU": 1} and isinstance(blocked.priority, tuple)
+    # Dask's own choice stops at a head that does not fit: nothing behind it starts.
+    state.handle_stimulus(
+        ComputeTaskEvent.dummy(
+            "behind", resource_restrictions={"GPU": 1}, priority=(1,), stimulus_id="b"
+        )
+    )
+    assert state.tasks["behind"].state == "constrained"
+    assert [ts.key for ts in state.constrained.sorted()] == ["blocked", "behind"]
+    behind = state.tasks["behind"]
+    state.constrained.discard(behind)
+    assert behind not in state.constrained and state.constrained.pop() is blocked
+
+
+def test_an_actor_construction_ends_with_execute_success_carrying_the_instance():
+    # Why admission's handle_stimulus can watch a cancelled actor's instance (its value).
+    from distributed.worker_state_machine import ComputeTaskEvent, ExecuteSuccessEvent
+
+    state = WorkerState(resources={"GPU": 1}, nthreads=1)
+    state.handle_stimulus(
+        ComputeTaskEvent.dummy(
+            "actor", actor=True, resource_restrictions={"GPU": 1}, stimulus_id="a"
+        )
+    )
+    instance = _Actor()
+    state.handle_stimulus(ExecuteSuccessEvent.dummy("actor", instance, stimulus_id="b"))
+    assert state.actors["actor"] is instance
+    assert state.available_resources["GPU"] == 1  # given back once constructed
+
+
+@gen_cluster(client=True, nthreads=[("", 2)])
+async def test_a_seceded_task_moves_from_executing_to_long_running(c, s, a):
+    # Why leases for running tasks are taken from executing | long_running.
+    from distributed import Event, secede
+
+    event = Event("seceded")
+
+    def leaves_the_pool():
+        secede()
+        Event("seceded").wait(30)
+        return True
+
+    future = c.submit(leaves_the_pool)
+    for _ in range(500):
+        if any(ts.key == future.key for ts in a.state.long_running):
+            break
+        await asyncio.sleep(0.02)
+    assert any(ts.key == future.key for ts in a.state.long_running)
+    assert not any(ts.key == future.key for ts in a.state.executing)
+    await event.set()
+    assert await future
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_the_worker_runs_the_run_spec_it_finds_when_the_task_starts(c, s, a):
+    # Why run_instead works: Worker.execute reads ts.run_spec when the task starts, and
+    # run_spec.is_coro tells async tasks (never isolated) from sync ones.
+    from distributed import Event
+
+    from dask_gpuresources._dask_internals import run_instead
+
+    async def coroutine():
+        return True
+
+    assert await c.submit(coroutine) is True
+    event = Event("gate")
+    gate = c.submit(event.wait, 30)  # takes the worker's only thread
+    follower = c.submit(lambda: "own")
+    for _ in range(500):
+        if follower.key in a.state.tasks and gate.key in {ts.key for ts in a.state.executing}:
+            break
+        await asyncio.sleep(0.02)
+    ts = a.state.tasks[follower.key]
+    assert ts.run_spec.is_coro is False
+    run_instead(ts, _pinned)
+    await event.set()
+    assert await follower == 42
+    assert await gate
