@@ -316,6 +316,7 @@ class _State:
     table_violations: list = field(default_factory=list)
     table_snapshots: int = 0
     table_errors: int = 0
+    table_refresh_errors: int = 0
     killed: list = field(default_factory=list)  # (t, address, pid)
     faults: Counter = field(default_factory=Counter)
     notes: list = field(default_factory=list)
@@ -457,18 +458,25 @@ def _poll_table(state: _State, stop: threading.Event) -> None:
             # scheduler and worker states first, the table last: a task that starts between
             # the two shows as a holder, never as a waiter beside a free device
             try:
-                sched = _bounded(state.client.run_on_scheduler, 20, _pending_requests)
-                views = _bounded(state.client.run, 20, _worker_view)
-            except Exception:
+                sched = _bounded(state.client.run_on_scheduler, 10, _pending_requests)
+                views = _bounded(state.client.run, 10, _worker_view)
+            except Exception as exc:
                 state.liveness_errors += 1
+                state.notes.append(f"liveness poll failed at {time.time():.1f}: {exc!r}")
                 state.live_first.clear()  # continuity unknown: start every clock again
                 live = False
         try:
-            table = _bounded(gr.allocations, 20, state.client)
+            table = _bounded(gr.allocations, 5, state.client)
         except Exception:
-            state.table_errors += 1
-            state.live_first.clear()
-            continue
+            # a worker that does not answer holds up the refreshed table (the scheduler's
+            # broadcast waits for it): fall back to the one the heartbeats carried
+            state.table_refresh_errors += 1
+            try:
+                table = _bounded(gr.allocations, 5, state.client, refresh=False)
+            except Exception:
+                state.table_errors += 1
+                state.live_first.clear()
+                continue
         now = time.time()
         state.table_snapshots += 1
         for bad in _check_table(table):
@@ -477,6 +485,15 @@ def _poll_table(state: _State, stop: threading.Event) -> None:
         _check_zombies(state, table, now)
         if live:
             _check_liveness(state, sched, views, table, now)
+
+
+def _table(state: _State, timeout: float) -> dict:
+    """The allocation table, refreshed; the heartbeats' one where a worker does not answer."""
+    try:
+        return _bounded(gr.allocations, timeout / 2, state.client)
+    except TimeoutError:
+        state.table_refresh_errors += 1
+        return _bounded(gr.allocations, timeout / 2, state.client, refresh=False)
 
 
 def _check_zombies(state: _State, table: dict, now: float) -> None:
@@ -1363,7 +1380,7 @@ def _finish(state: _State) -> dict:
     hung = []
     if state.waiting:
         try:
-            table = _bounded(gr.allocations, 30, state.client)
+            table = _table(state, 30)
         except Exception:
             table = {}
         by_key = {op.key: op for op in state.ops.values() if op.key}
@@ -1410,7 +1427,7 @@ def _finish(state: _State) -> dict:
         if hung_table is not None:
             time.sleep(1.0)
             with contextlib.suppress(Exception):
-                hung_table["stages"][name] = _bounded(gr.allocations, 20, state.client)
+                hung_table["stages"][name] = _table(state, 20)
 
     stage("after cancelling the hung futures")
     # release every handle and future we hold
@@ -1427,7 +1444,7 @@ def _finish(state: _State) -> dict:
     deadline = time.monotonic() + 30
     while True:
         try:
-            table = _bounded(gr.allocations, 20, state.client)
+            table = _table(state, 20)
             leaked_table = {w: {d: h for d, h in devs.items() if h} for w, devs in table.items()}
             leaked_table = {w: devs for w, devs in leaked_table.items() if devs}
         except Exception as exc:
@@ -1662,6 +1679,7 @@ def run_soak(cfg: SoakConfig) -> dict:
         "table_violations": state.table_violations,
         "table_snapshots": state.table_snapshots,
         "table_poll_errors": state.table_errors,
+        "table_refresh_errors": state.table_refresh_errors,
         "physical_overlaps": analysis["physical_overlaps"],
         "hung_detail": finish.get("hung", []),
         "hung_table": finish.get("hung_table"),
