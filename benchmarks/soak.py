@@ -16,8 +16,24 @@ and drives a seeded random mix at it:
 - faults: tasks that raise, isolated children that ``os._exit(1)``, cancels of queued and of
   running tasks, actors (facade, and plain Dask ``actor=True``) killed with ``gr.kill`` /
   cancelled or dropped (last handle deleted), actors killed while their (slow) constructor
-  runs, a worker process SIGKILLed mid-run (its Nanny restarts it), and ``gr.install(client)``
-  called again mid-run (plugin re-registration).
+  runs, a worker process SIGKILLed mid-run (its Nanny restarts it), ``gr.install(client)``
+  called again mid-run (the plugin is ``idempotent``, so Dask keeps the running instance) and
+  the scheduler plugin registered again for real (a new ``GPUSchedulerPlugin`` with
+  ``idempotent = False``: Dask starts it and it replaces the running one);
+- the isolated actor's own process (facade actors, ``isolation="process"``): killed
+  (``actor_kill_mid_call``) or its last handle dropped (``actor_drop_mid_call``) while a slow
+  method (1.5-3 s) runs; killed (``actor_kill_constructing``) or dropped
+  (``actor_drop_constructing``) while its constructor runs (``--slow-ctor`` 8-10 s, longer
+  than the liveness bound); its idle child SIGKILLed from the driver (``actor_child_sigkill``:
+  the pid from a method's ``os.getpid()``, checked to be an isolated child of this soak), then
+  called once more and its handle kept a few seconds past the bound before it is dropped;
+- ``mem_task``: tasks asking for a non-GPU resource (``resources={"MEM": 1}``, workers
+  declare ``MEM=--mem``), two thirds with no GPU and one third beside a GPU request;
+- ``fill``: a worker filled by actors with a larger request queued (two actors each asking
+  for a whole worker, one 1-GPU actor per device of a worker, 1-GPU tasks; killed after
+  3-5 s), 1 per 150 tasks;
+- ``priority_pass``: a whole-worker GPU task followed by 4-7 small ones at ``priority=10``
+  (plain submits: the facade has no priority option) that pass it.
 
 Every holder (task body, actor instance) appends JSON lines to a sink outside the workers (a
 file per process in a temp directory, one ``os.write`` of one line on an ``O_APPEND`` file,
@@ -43,6 +59,25 @@ Checked at the end:
   bounded wait), isolated children of this soak still alive after the cluster closed, and
   scheduler tasks still waiting/queued/processing once every future is released.
 
+- ``liveness``: the rule "nothing waits beside a device that fits it". Every
+  ``--liveness-poll`` seconds (0.5) the soak reads the scheduler's tasks with resource
+  restrictions that wait (``queued``, ``no-worker``, ``processing``; ``client.run_on_scheduler``),
+  each worker's free threads, free non-GPU resources and running keys (``client.run``), and
+  then the allocation table. A task waits when it is neither running on a worker nor a
+  holder in the table; it fits a worker that has a free thread, its non-GPU resources free,
+  and a device whose free share holds its fraction (or n free whole devices for ``GPU=n``).
+  A device share held by a dead holder (below) counts as free once the bound has passed
+  since its death. A task that waits and fits some worker in every poll for longer than the
+  bound (5 s plus one ``gpuresources.scheduler.rebalance-interval`` tick, 5.5 s by default;
+  ``--liveness-bound``) is one violation (counted once per key). A failed poll, or more than
+  3 s between polls, starts every clock again, so the polling itself gives no false positive.
+- ``zombies``: dead holders, isolated facade actors the soak killed or dropped or whose
+  child it SIGKILLed, that still hold their devices more than the bound later: listed in an
+  allocation-table snapshot, or still ticking (a child the kill did not end, or one that
+  began constructing after it).
+
+The exit status is 1 when any of these five counts is not 0.
+
 Also reported (not counted in ``violations``): ``physical_overlaps``, the same sweep keyed by
 physical device only, with holders' real ends (an orphaned child of a SIGKILLed worker that
 still ticks while the restarted worker hands its device out again shows up here).
@@ -52,9 +87,12 @@ Usage::
     python benchmarks/soak.py --tasks 10000 --seed 1
     python benchmarks/soak.py --tasks 300 --seed 1 --workers 2 --gpus 2 --duration 120
 
-Prints one line ``tasks=N faults=F violations=V leaked=L hung=H`` (and counts per fault kind)
-and writes JSON (default ``benchmarks/results/soak.json``). ``tests/test_soak.py`` runs a
-CI-sized soak through :func:`run_soak`. Exit status: 0 when V == L == H == 0, else 1.
+Prints one line ``tasks=N faults=F violations=V leaked=L hung=H liveness=N zombies=Z`` (and
+counts per fault kind) and writes JSON (default ``benchmarks/results/soak.json``; also
+``liveness_detail``, ``zombie_detail``, ``mid_call``: whether each mid-call fault found the
+method running, ``priority_waits``: how long each passed whole-worker task waited).
+``tests/test_soak.py`` runs a CI-sized soak through :func:`run_soak`. Exit status: 0 when
+V == L == H == N == Z == 0, else 1.
 """
 
 from __future__ import annotations
@@ -1759,6 +1797,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reinstalls", type=int, default=None)
     p.add_argument("--reregisters", type=int, default=None)
     p.add_argument("--fills", type=int, default=None)
+    p.add_argument("--mem", type=int, default=SoakConfig.mem, help="MEM resource per worker")
+    p.add_argument("--slow-ctor", type=float, default=SoakConfig.slow_ctor)
+    p.add_argument("--liveness-poll", type=float, default=SoakConfig.liveness_poll)
+    p.add_argument(
+        "--liveness-bound", type=float, default=None, help="default: 5 s + one rebalance tick"
+    )
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--keep-sink", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -1776,6 +1820,10 @@ def main(argv: list[str] | None = None) -> int:
         reinstalls=a.reinstalls,
         reregisters=a.reregisters,
         fills=a.fills,
+        mem=a.mem,
+        slow_ctor=a.slow_ctor,
+        liveness_poll=a.liveness_poll,
+        liveness_bound=a.liveness_bound,
         json_path=a.json,
         keep_sink=a.keep_sink,
         quiet=a.quiet,
