@@ -578,6 +578,12 @@ def _worker_view(dask_worker: Any) -> dict:
         "executing": len(st.executing),
         "available": dict(st.available_resources),
         "running": [str(ts.key) for ts in (st.executing | st.long_running)],
+        # the worker's own state of the restricted tasks it has not started (for the report)
+        "waiting": {
+            str(ts.key): ts.state
+            for ts in st.tasks.values()
+            if ts.resource_restrictions and ts.state not in ("executing", "long-running")
+        },
     }
 
 
@@ -643,7 +649,12 @@ def _check_liveness(state: _State, sched: dict, views: dict, table: dict, now: f
                     "fits_worker": addr,
                     "free_devices": ids,
                     "table": table.get(addr),
-                    "worker_view": {k: v for k, v in views[addr].items() if k != "running"},
+                    "worker_view": {
+                        k: v for k, v in views[addr].items() if k not in ("running", "waiting")
+                    },
+                    "state_on_its_worker": (views.get(req["worker"]) or {})
+                    .get("waiting", {})
+                    .get(key, "absent"),
                     "processing_on_status": (views.get(req["worker"]) or {}).get("status"),
                 }
             )
