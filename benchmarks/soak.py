@@ -16,8 +16,24 @@ and drives a seeded random mix at it:
 - faults: tasks that raise, isolated children that ``os._exit(1)``, cancels of queued and of
   running tasks, actors (facade, and plain Dask ``actor=True``) killed with ``gr.kill`` /
   cancelled or dropped (last handle deleted), actors killed while their (slow) constructor
-  runs, a worker process SIGKILLed mid-run (its Nanny restarts it), and ``gr.install(client)``
-  called again mid-run (plugin re-registration).
+  runs, a worker process SIGKILLed mid-run (its Nanny restarts it), ``gr.install(client)``
+  called again mid-run (the plugin is ``idempotent``, so Dask keeps the running instance) and
+  the scheduler plugin registered again for real (a new ``GPUSchedulerPlugin`` with
+  ``idempotent = False``: Dask starts it and it replaces the running one);
+- the isolated actor's own process (facade actors, ``isolation="process"``): killed
+  (``actor_kill_mid_call``) or its last handle dropped (``actor_drop_mid_call``) while a slow
+  method (1.5-3 s) runs; killed (``actor_kill_constructing``) or dropped
+  (``actor_drop_constructing``) while its constructor runs (``--slow-ctor`` 8-10 s, longer
+  than the liveness bound); its idle child SIGKILLed from the driver (``actor_child_sigkill``:
+  the pid from a method's ``os.getpid()``, checked to be an isolated child of this soak), then
+  called once more and its handle kept a few seconds past the bound before it is dropped;
+- ``mem_task``: tasks asking for a non-GPU resource (``resources={"MEM": 1}``, workers
+  declare ``MEM=--mem``), two thirds with no GPU and one third beside a GPU request;
+- ``fill``: a worker filled by actors with a larger request queued (two actors each asking
+  for a whole worker, one 1-GPU actor per device of a worker, 1-GPU tasks; killed after
+  3-5 s), 1 per 150 tasks;
+- ``priority_pass``: a whole-worker GPU task followed by 4-7 small ones at ``priority=10``
+  (plain submits: the facade has no priority option) that pass it.
 
 Every holder (task body, actor instance) appends JSON lines to a sink outside the workers (a
 file per process in a temp directory, one ``os.write`` of one line on an ``O_APPEND`` file,
@@ -43,6 +59,25 @@ Checked at the end:
   bounded wait), isolated children of this soak still alive after the cluster closed, and
   scheduler tasks still waiting/queued/processing once every future is released.
 
+- ``liveness``: the rule "nothing waits beside a device that fits it". Every
+  ``--liveness-poll`` seconds (0.5) the soak reads the scheduler's tasks with resource
+  restrictions that wait (``queued``, ``no-worker``, ``processing``; ``client.run_on_scheduler``),
+  each worker's free threads, free non-GPU resources and running keys (``client.run``), and
+  then the allocation table. A task waits when it is neither running on a worker nor a
+  holder in the table; it fits a worker that has a free thread, its non-GPU resources free,
+  and a device whose free share holds its fraction (or n free whole devices for ``GPU=n``).
+  A device share held by a dead holder (below) counts as free once the bound has passed
+  since its death. A task that waits and fits some worker in every poll for longer than the
+  bound (5 s plus one ``gpuresources.scheduler.rebalance-interval`` tick, 5.5 s by default;
+  ``--liveness-bound``) is one violation (counted once per key). A failed poll, or more than
+  3 s between polls, starts every clock again, so the polling itself gives no false positive.
+- ``zombies``: dead holders, isolated facade actors the soak killed or dropped or whose
+  child it SIGKILLed, that still hold their devices more than the bound later: listed in an
+  allocation-table snapshot, or still ticking (a child the kill did not end, or one that
+  began constructing after it).
+
+The exit status is 1 when any of these five counts is not 0.
+
 Also reported (not counted in ``violations``): ``physical_overlaps``, the same sweep keyed by
 physical device only, with holders' real ends (an orphaned child of a SIGKILLed worker that
 still ticks while the restarted worker hands its device out again shows up here).
@@ -52,9 +87,12 @@ Usage::
     python benchmarks/soak.py --tasks 10000 --seed 1
     python benchmarks/soak.py --tasks 300 --seed 1 --workers 2 --gpus 2 --duration 120
 
-Prints one line ``tasks=N faults=F violations=V leaked=L hung=H`` (and counts per fault kind)
-and writes JSON (default ``benchmarks/results/soak.json``). ``tests/test_soak.py`` runs a
-CI-sized soak through :func:`run_soak`. Exit status: 0 when V == L == H == 0, else 1.
+Prints one line ``tasks=N faults=F violations=V leaked=L hung=H liveness=N zombies=Z`` (and
+counts per fault kind) and writes JSON (default ``benchmarks/results/soak.json``; also
+``liveness_detail``, ``zombie_detail``, ``mid_call``: whether each mid-call fault found the
+method running, ``priority_waits``: how long each passed whole-worker task waited).
+``tests/test_soak.py`` runs a CI-sized soak through :func:`run_soak`. Exit status: 0 when
+V == L == H == N == Z == 0, else 1.
 """
 
 from __future__ import annotations
@@ -185,6 +223,19 @@ class SoakActor:
     def ping(self, x: int = 0) -> Any:
         return (self.ids, os.getpid(), x)
 
+    def work(self, sink: str, hid: str, seconds: float) -> Any:
+        """A slow method: the soak kills the actor or drops its handle while this runs."""
+        _sink_write(sink, {"e": "call", "h": hid, "n": self.nonce, "pid": os.getpid()})
+        time.sleep(seconds)
+        _sink_write(sink, {"e": "call_end", "h": hid, "n": self.nonce})
+        return (self.ids, os.getpid())
+
+
+def mem_task(duration: float) -> int:
+    """A task that asks only for a non-GPU resource (``MEM``); it holds no lease."""
+    time.sleep(duration)
+    return os.getpid()
+
 
 # -- the plan ---------------------------------------------------------------------------------
 
@@ -203,7 +254,13 @@ class SoakConfig:
     task_time: float = 0.08  # mean task duration (s)
     worker_kills: int | None = None  # None: 1 per 1000 tasks, at least 1
     reinstalls: int | None = None  # None: 1 per 1000 tasks, at least 1
+    reregisters: int | None = None  # None: 1 per 1000 tasks, at least 1
+    fills: int | None = None  # None: 1 per 150 tasks, at least 1
+    mem: int = 2  # MEM resource per worker (non-GPU resource tasks)
     table_poll: float = 0.25
+    liveness_poll: float = 0.5
+    liveness_bound: float | None = None  # None: 5 s plus one rebalance tick
+    slow_ctor: float = 8.0  # isolated actors killed/dropped mid-construction: ctor seconds
     json_path: str | None = str(DEFAULT_JSON)
     keep_sink: bool = False
     quiet: bool = False
@@ -221,6 +278,23 @@ OPS = {
     "actor_kill_constructing": 4,
     "plain_actor": 3,
     "max_calls1": 2,
+    "actor_kill_mid_call": 3,
+    "actor_drop_mid_call": 3,
+    "actor_drop_constructing": 2,
+    "actor_child_sigkill": 2,
+    "mem_task": 8,
+    "priority_pass": 2,
+}
+# the facade actor ops (isolated ones among them end in ``_dead_holder``)
+ACTOR_OPS = {
+    "actor_kill",
+    "actor_drop",
+    "actor_kill_constructing",
+    "actor_drop_constructing",
+    "actor_kill_mid_call",
+    "actor_drop_mid_call",
+    "actor_child_sigkill",
+    "plain_actor",
 }
 FAULT_KINDS = (
     "task_error",
@@ -234,6 +308,14 @@ FAULT_KINDS = (
     "plain_actor_drop",
     "worker_kill",
     "reinstall",
+    "actor_kill_mid_call",
+    "actor_drop_mid_call",
+    "actor_drop_constructing",
+    "actor_child_sigkill",
+    "mem_task",
+    "fill",
+    "priority_pass",
+    "reregister",
 )
 
 
@@ -272,9 +354,23 @@ class _State:
     table_violations: list = field(default_factory=list)
     table_snapshots: int = 0
     table_errors: int = 0
+    table_refresh_errors: int = 0
     killed: list = field(default_factory=list)  # (t, address, pid)
     faults: Counter = field(default_factory=Counter)
     notes: list = field(default_factory=list)
+    # holders the soak ended: isolated facade actors killed or dropped, or whose child it
+    # SIGKILLed; key -> {"t", "hid", "why"}
+    dead: dict = field(default_factory=dict)
+    zombies: list = field(default_factory=list)  # dead holders still in the table
+    zombie_keys: set = field(default_factory=set)
+    # liveness: key -> first poll of the current run of polls in which it waited and fitted
+    live_first: dict = field(default_factory=dict)
+    liveness: list = field(default_factory=list)
+    liveness_keys: set = field(default_factory=set)
+    liveness_polls: int = 0
+    liveness_errors: int = 0
+    last_live_poll: float | None = None
+    bound: float = 5.5
 
 
 def _log(state: _State, msg: str) -> None:
@@ -316,7 +412,7 @@ def _start_cluster(state: _State) -> None:
             "cls": Nanny,
             "options": {
                 "nthreads": cfg.threads,
-                "resources": {"GPU": cfg.gpus},
+                "resources": {"GPU": cfg.gpus, "MEM": cfg.mem},
                 "env": {
                     "CUDA_VISIBLE_DEVICES": devices,
                     TAG_VAR: state.tag,
@@ -390,29 +486,199 @@ def _check_table(table: dict) -> list[dict]:
 
 
 def _poll_table(state: _State, stop: threading.Event) -> None:
+    every = max(1, round(state.cfg.liveness_poll / state.cfg.table_poll))
+    n = 0
     while not stop.wait(state.cfg.table_poll):
+        n += 1
+        live = n % every == 0
+        sched = views = None
+        if live:
+            # scheduler and worker states first, the table last: a task that starts between
+            # the two shows as a holder, never as a waiter beside a free device
+            try:
+                sched = _bounded(state.client.run_on_scheduler, 10, _pending_requests)
+                views = _bounded(state.client.run, 10, _worker_view)
+            except Exception as exc:
+                state.liveness_errors += 1
+                state.notes.append(f"liveness poll failed at {time.time():.1f}: {exc!r}")
+                state.live_first.clear()  # continuity unknown: start every clock again
+                live = False
         try:
-            table = _bounded(gr.allocations, 20, state.client)
+            table = _bounded(gr.allocations, 5, state.client)
         except Exception:
-            state.table_errors += 1
-            continue
+            # a worker that does not answer holds up the refreshed table (the scheduler's
+            # broadcast waits for it): fall back to the one the heartbeats carried
+            state.table_refresh_errors += 1
+            try:
+                table = _bounded(gr.allocations, 5, state.client, refresh=False)
+            except Exception:
+                state.table_errors += 1
+                state.live_first.clear()
+                continue
+        now = time.time()
         state.table_snapshots += 1
         for bad in _check_table(table):
-            bad["t"] = time.time()
+            bad["t"] = now
             state.table_violations.append(bad)
+        _check_zombies(state, table, now)
+        if live:
+            _check_liveness(state, sched, views, table, now)
+
+
+def _table(state: _State, timeout: float) -> dict:
+    """The allocation table, refreshed; the heartbeats' one where a worker does not answer."""
+    try:
+        return _bounded(gr.allocations, timeout / 2, state.client)
+    except TimeoutError:
+        state.table_refresh_errors += 1
+        return _bounded(gr.allocations, timeout / 2, state.client, refresh=False)
+
+
+def _check_zombies(state: _State, table: dict, now: float) -> None:
+    """A holder the soak ended, still listed in the table more than the bound after."""
+    held = {k: (w, d) for w, devs in table.items() for d, h in devs.items() for k in h}
+    for key, dead in list(state.dead.items()):
+        if key in held and key not in state.zombie_keys and now - dead["t"] > state.bound:
+            state.zombie_keys.add(key)
+            w, d = held[key]
+            state.zombies.append(
+                {
+                    "key": key,
+                    **dead,
+                    "seen": "in the allocation table",
+                    "after_s": round(now - dead["t"], 2),
+                    "worker": w,
+                    "device": d,
+                }
+            )
+
+
+def _pending_requests(dask_scheduler: Any) -> dict:
+    """Tasks with resource restrictions that wait (queued, no-worker or processing)."""
+    out = {}
+    for k, ts in dask_scheduler.tasks.items():
+        if ts.state in ("queued", "no-worker", "processing") and ts.resource_restrictions:
+            if ts.state != "processing" and any(dts.state != "memory" for dts in ts.dependencies):
+                continue
+            out[str(k)] = {
+                "state": ts.state,
+                "worker": ts.processing_on.address if ts.processing_on else None,
+                "resources": dict(ts.resource_restrictions),
+                "actor": bool(ts.actor),
+            }
+    return out
+
+
+def _worker_view(dask_worker: Any) -> dict:
+    """What a worker could start now: free threads, free non-GPU resources, running keys."""
+    st = dask_worker.state
+    return {
+        "status": str(dask_worker.status),
+        "nthreads": st.nthreads,
+        "executing": len(st.executing),
+        "available": dict(st.available_resources),
+        "running": [str(ts.key) for ts in (st.executing | st.long_running)],
+        # the worker's own state of the restricted tasks it has not started (for the report)
+        "waiting": {
+            str(ts.key): ts.state
+            for ts in st.tasks.values()
+            if ts.resource_restrictions and ts.state not in ("executing", "long-running")
+        },
+    }
+
+
+def _fits_worker(state: _State, request: dict, view: dict, devices: dict | None, now: float) -> Any:
+    """The device ids on this worker that could take ``request`` now, or None."""
+    if "running" not in view.get("status", "") or view["executing"] >= view["nthreads"]:
+        return None
+    for name, amount in request.items():
+        if name != "GPU" and view["available"].get(name, 0) < amount:
+            return None
+    want = Fraction(str(request.get("GPU", 0)))
+    if not want:
+        return []
+    if not devices:
+        return None
+    free = {}
+    for d, holders in devices.items():
+        used = Fraction(0)
+        for k, share in holders.items():
+            dead = state.dead.get(k)
+            if dead is None or now - dead["t"] <= state.bound:
+                used += Fraction(str(share))
+        free[d] = 1 - used
+    if want < 1:
+        fit = [d for d, f in free.items() if f >= want]
+        return fit[:1] or None
+    whole = [d for d, f in free.items() if f == 1]
+    return whole[: int(want)] if len(whole) >= want else None
+
+
+def _check_liveness(state: _State, sched: dict, views: dict, table: dict, now: float) -> None:
+    """The liveness rule: no task waits, over consecutive polls longer than the bound, while
+    some worker could start it (a free thread, its non-GPU resources free, a device whose free
+    share holds its fraction or n free whole devices)."""
+    if state.last_live_poll is not None and now - state.last_live_poll > 3.0:
+        state.live_first.clear()  # too long between polls to call the wait continuous
+    state.last_live_poll = now
+    state.liveness_polls += 1
+    held = {k for devs in table.values() for h in devs.values() for k in h}
+    running = {k for v in views.values() for k in v["running"]}
+    fitting = {}
+    for key, req in sched.items():
+        if key in held or key in running:
+            continue
+        for addr in sorted(views):
+            ids = _fits_worker(state, req["resources"], views[addr], table.get(addr), now)
+            if ids is not None:
+                fitting[key] = (addr, ids, req)
+                break
+    for key in list(state.live_first):
+        if key not in fitting:
+            del state.live_first[key]
+    for key, (addr, ids, req) in fitting.items():
+        first = state.live_first.setdefault(key, now)
+        if now - first > state.bound and key not in state.liveness_keys:
+            state.liveness_keys.add(key)
+            state.liveness.append(
+                {
+                    "key": key,
+                    "since": first,
+                    "waited_s": round(now - first, 2),
+                    "scheduler": req,
+                    "fits_worker": addr,
+                    "free_devices": ids,
+                    "table": table.get(addr),
+                    "worker_view": {
+                        k: v for k, v in views[addr].items() if k not in ("running", "waiting")
+                    },
+                    "state_on_its_worker": (views.get(req["worker"]) or {})
+                    .get("waiting", {})
+                    .get(key, "absent"),
+                    "processing_on_status": (views.get(req["worker"]) or {}).get("status"),
+                }
+            )
 
 
 # -- driving ----------------------------------------------------------------------------------
 
 
-def _submit_task(state: _State, op: _Op, duration: float, fault: str) -> Any:
+def _submit_task(
+    state: _State,
+    op: _Op,
+    duration: float,
+    fault: str,
+    extra: dict | None = None,
+    priority: int = 0,
+) -> Any:
+    """A GPU holder task; ``extra``: non-GPU resources beside the GPU request."""
     import dask
 
     cfg = state.cfg
     args = (op.hid, state.sink, op.share, duration, fault, cfg.tick)
-    if op.api == "facade":
+    if op.api == "facade":  # the facade has no priority option: plain submits carry it
         f = gr.remote(holder_task).options(
-            num_gpus=op.share, isolation=op.mode, max_calls=op.max_calls
+            num_gpus=op.share, isolation=op.mode, max_calls=op.max_calls, resources=extra or {}
         )
         ref = f.remote(*args)
         op.key = ref.task_id()
@@ -423,8 +689,23 @@ def _submit_task(state: _State, op: _Op, duration: float, fault: str) -> Any:
     op.key = f"soak-{op.hid}"
     with dask.annotate(**annotations):
         return state.client.submit(
-            holder_task, *args, key=f"soak-{op.hid}", resources={"GPU": op.share}, pure=False
+            holder_task,
+            *args,
+            key=f"soak-{op.hid}",
+            resources={"GPU": op.share, **(extra or {})},
+            priority=priority,
+            pure=False,
         )
+
+
+def _submit_mem(state: _State, op: _Op, duration: float) -> Any:
+    """A task that asks for ``MEM`` only (no GPU)."""
+    if op.api == "facade":
+        ref = gr.remote(mem_task).options(resources={"MEM": 1}).remote(duration)
+        op.key = ref.task_id()
+        return ref
+    op.key = f"soak-{op.hid}"
+    return state.client.submit(mem_task, duration, key=op.key, resources={"MEM": 1}, pure=False)
 
 
 def _future_of(x: Any) -> Any:
@@ -498,6 +779,7 @@ def _kill_worker(state: _State, rng: random.Random) -> None:
 
 
 def _reinstall(state: _State) -> None:
+    """``gr.install(client)`` again: the plugin is idempotent, so Dask keeps the instance."""
     t = time.time()
     try:
         _bounded(gr.install, 30, state.client)
@@ -508,7 +790,24 @@ def _reinstall(state: _State) -> None:
     _log(state, f"gr.install(client) again ({time.time() - t:.2f} s)")
 
 
-def _make_actor(state: _State, op: _Op, slow: float) -> dict:
+def _reregister(state: _State) -> None:
+    """A new scheduler plugin instance replaces the running one (``idempotent`` off, so
+    Dask's ``register_scheduler_plugin`` starts it and overwrites the old one)."""
+    from dask_gpuresources.scheduler import GPUSchedulerPlugin
+
+    t = time.time()
+    plugin = GPUSchedulerPlugin()
+    plugin.idempotent = False
+    try:
+        _bounded(state.client.register_plugin, 30, plugin)
+        _event(state, "reregister")
+    except Exception as exc:
+        state.notes.append(f"scheduler plugin re-registration failed: {exc!r}")
+        _event(state, "reregister", error=repr(exc))
+    _log(state, f"GPUSchedulerPlugin registered again ({time.time() - t:.2f} s)")
+
+
+def _make_actor(state: _State, op: _Op, slow: float, ping: bool = True) -> dict:
     cfg = state.cfg
     args = (op.hid, state.sink, op.share, slow, cfg.tick)
     if op.api == "plain":
@@ -525,18 +824,34 @@ def _make_actor(state: _State, op: _Op, slow: float) -> dict:
     cls = gr.remote(SoakActor).options(num_gpus=op.share, isolation=op.mode)
     handle = cls.remote(*args)
     op.key = repr(handle).split(", ")[-1].rstrip(")")  # Actor(SoakActor, KEY)
-    return {"handle": handle, "calls": [handle.ping.remote(1)], "plain": False}
+    calls = [handle.ping.remote(1)] if ping else []
+    return {"handle": handle, "calls": calls, "plain": False}
+
+
+END_KINDS = {
+    "kill": "actor_kill",
+    "construct": "actor_kill_constructing",
+    "drop": "actor_drop",
+    "drop_construct": "actor_drop_constructing",
+    "kill_mid_call": "actor_kill_mid_call",
+    "drop_mid_call": "actor_drop_mid_call",
+}
 
 
 def _end_actor(state: _State, hid: str, how: str) -> None:
+    """End a driver-held actor: ``how`` names the fault (END_KINDS), or ``quiet_kill`` /
+    ``quiet_drop`` for the end of an actor whose fault was something else."""
     a = state.actors.get(hid)
     if a is None:
         return
     op = state.ops[hid]
-    op.fault_at = time.time()
+    now = time.time()
+    if op.fault_at is None:
+        op.fault_at = now
+    kill = how in ("kill", "construct", "kill_mid_call", "quiet_kill")
     if a["plain"]:
-        kind = "plain_actor_cancel" if how == "kill" else "plain_actor_drop"
-        if how == "kill":
+        kind = "plain_actor_cancel" if kill else "plain_actor_drop"
+        if kill:
             _cancel(a["future"])
         # the creation future is tracked in waiting; dropping it there too releases it
         state.waiting = [(h, f) for h, f in state.waiting if h != hid]
@@ -544,20 +859,18 @@ def _end_actor(state: _State, hid: str, how: str) -> None:
         a["future"] = None
         _event(state, kind, hid=hid, share=op.share)
     else:
-        if how == "kill":
+        if kill:
             try:
                 gr.kill(a["handle"])
             except Exception as exc:
                 state.notes.append(f"gr.kill({hid}) raised {exc!r}")
-        _event(
-            state,
-            {"kill": "actor_kill", "construct": "actor_kill_constructing", "drop": "actor_drop"}[
-                how
-            ],
-            hid=hid,
-            share=op.share,
-            mode=op.mode,
-        )
+        if how in END_KINDS:
+            _event(state, END_KINDS[how], hid=hid, share=op.share, mode=op.mode)
+        else:
+            state.events.append({"t": now, "kind": how, "hid": hid})
+        if op.mode == "process" and op.key and op.key not in state.dead:
+            # an isolated actor's child ends at once on kill, and once released on drop
+            state.dead[op.key] = {"t": now, "hid": hid, "why": how}
         # the handle goes; its calls stay in waiting until they resolve
         state.waiting = [(h, f) for h, f in state.waiting if h != hid]
         op.outcome = op.outcome or _status(a["handle"]._future)
@@ -565,23 +878,159 @@ def _end_actor(state: _State, hid: str, how: str) -> None:
     state.actors.pop(hid, None)
 
 
+def _isolated_child(pid: int, tag: str) -> bool:
+    """Whether ``pid`` is an isolated child of this soak (never SIGKILL anything else)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return CHILD_MARK in " ".join(p.cmdline()) and p.environ().get(TAG_VAR) == tag
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _after_ready(state: _State, hid: str, ref: Any, then: Any, deadline: float, push: Any) -> None:
+    """Run ``then(result)`` once the actor call ``ref`` resolved, polled from the action
+    queue (never a blocking wait); past ``deadline`` or on an error the actor is killed."""
+    if hid not in state.actors:
+        return
+    if _done(ref):
+        try:
+            value = _future_of(ref).result(timeout=0)
+        except BaseException as exc:
+            state.notes.append(f"{hid}: first call failed ({exc!r}); actor killed")
+            _end_actor(state, hid, "quiet_kill")
+            return
+        then(value)
+    elif time.time() > deadline:
+        state.notes.append(f"{hid}: not ready after {deadline - state.ops[hid].submitted:.0f} s")
+        _end_actor(state, hid, "quiet_kill")
+    else:
+        push(0.05, lambda: _after_ready(state, hid, ref, then, deadline, push))
+
+
+def _sigkill_child(state: _State, hid: str, value: Any, push: Any, rng: random.Random) -> None:
+    """SIGKILL an idle isolated actor's child, call it once more (it must fail), hold the
+    handle beyond the bound (its devices must come back while the handle lives), drop it."""
+    pid = value[1]
+    op = state.ops[hid]
+    if not _isolated_child(pid, state.tag):
+        state.notes.append(f"{hid}: pid {pid} is not an isolated child of this soak; kept")
+        push(0.5, lambda: _end_actor(state, hid, "quiet_kill"))
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    now = time.time()
+    op.fault_at = now
+    _event(state, "actor_child_sigkill", hid=hid, share=op.share, pid=pid)
+    if op.key:
+        state.dead[op.key] = {"t": now, "hid": hid, "why": "child SIGKILLed"}
+
+    def call_again() -> None:
+        a = state.actors.get(hid)
+        if a is not None:
+            state.waiting.append((f"{hid}.call", a["handle"].ping.remote(2)))
+
+    push(0.5 + rng.random(), call_again)
+    push(state.bound + 2.0 + rng.random() * 2, lambda: _end_actor(state, hid, "quiet_drop"))
+
+
 def _schedule(queue: list, seq: list, at: float, action: Any) -> None:
     seq[0] += 1
     heapq.heappush(queue, (at, seq[0], action))
+
+
+def _fill(state: _State, i: int, rng: random.Random, push: Any) -> None:
+    """Fill a worker with actors, queue a larger request, then smaller ones beside it.
+
+    Two actors each asking for a whole worker (``GPU=gpus``): the first fills one, the second
+    is the larger request that waits; then one 1-GPU actor per device of a worker, and
+    1-GPU tasks. The actors are killed after 3-5 s.
+    """
+    cfg = state.cfg
+    hids = []
+    for j, share in enumerate([cfg.gpus, cfg.gpus] + [1] * cfg.gpus):
+        hid = f"{i:06d}f{j}"
+        op = _Op(hid, "fill", share, rng.choice(("thread", "process")), "facade")
+        op.submitted = time.time()
+        state.ops[hid] = op
+        try:
+            a = _make_actor(state, op, 0.0)
+        except Exception as exc:
+            op.outcome = f"submit-error:{type(exc).__name__}: {exc}"
+            state.notes.append(f"{hid} (fill actor) not submitted: {exc!r}")
+            continue
+        state.actors[hid] = a
+        state.waiting.append((hid, a["handle"]._future))
+        state.waiting += [(f"{hid}.call", c) for c in a["calls"]]
+        hids.append(hid)
+    for j in range(cfg.gpus):
+        hid = f"{i:06d}f{j + 10}"
+        op = _Op(hid, "fill", 1, rng.choice(("thread", "process")), rng.choice(("facade", "plain")))
+        op.submitted = time.time()
+        state.ops[hid] = op
+        try:
+            state.waiting.append((hid, _submit_task(state, op, 0.2 + rng.random() * 0.3, "none")))
+        except Exception as exc:
+            op.outcome = f"submit-error:{type(exc).__name__}: {exc}"
+    _event(state, "fill", hids=hids, gpus=cfg.gpus)
+    hold = 3.0 + rng.random() * 2.0
+    for hid in hids:
+        push(hold, lambda hid=hid: _end_actor(state, hid, "quiet_kill"))
+
+
+def _priority_pass(state: _State, i: int, rng: random.Random) -> None:
+    """A whole-worker GPU task, then small GPU tasks at priority 10 that pass it."""
+    cfg = state.cfg
+    big = _Op(f"{i:06d}", "priority_pass", cfg.gpus, rng.choice(("thread", "process")), "plain")
+    big.submitted = time.time()
+    state.ops[big.hid] = big
+    try:
+        state.waiting.append((big.hid, _submit_task(state, big, 0.1, "none")))
+    except Exception as exc:
+        big.outcome = f"submit-error:{type(exc).__name__}: {exc}"
+        return
+    small = []
+    for j in range(4 + rng.randrange(4)):
+        op = _Op(f"{i:06d}p{j}", "priority_small", rng.choice(SHARES_FRACTION), "thread", "plain")
+        op.submitted = time.time()
+        state.ops[op.hid] = op
+        try:
+            fut = _submit_task(state, op, rng.expovariate(1 / cfg.task_time), "none", priority=10)
+            state.waiting.append((op.hid, fut))
+            small.append(op.hid)
+        except Exception as exc:
+            op.outcome = f"submit-error:{type(exc).__name__}: {exc}"
+    _event(state, "priority_pass", hid=big.hid, share=big.share, passing=small)
 
 
 def _drive(state: _State) -> None:
     cfg = state.cfg
     rng = random.Random(cfg.seed)
     kinds, weights = list(OPS), list(OPS.values())
-    n_kills = cfg.worker_kills if cfg.worker_kills is not None else max(1, cfg.tasks // 1000)
-    n_installs = cfg.reinstalls if cfg.reinstalls is not None else max(1, cfg.tasks // 1000)
+    per_1000 = max(1, cfg.tasks // 1000)
+    n_kills = cfg.worker_kills if cfg.worker_kills is not None else per_1000
+    n_installs = cfg.reinstalls if cfg.reinstalls is not None else per_1000
+    n_reregs = cfg.reregisters if cfg.reregisters is not None else per_1000
+    n_fills = cfg.fills if cfg.fills is not None else max(1, cfg.tasks // 150)
     # one-off faults at seeded task indices, away from the very start and end
     lo, hi = max(1, cfg.tasks // 10), max(2, cfg.tasks * 8 // 10)
     kill_at = sorted(rng.randint(lo, hi) for _ in range(n_kills))
     install_at = sorted(rng.randint(lo, hi) for _ in range(n_installs))
+    rereg_at = sorted(rng.randint(lo, hi) for _ in range(n_reregs))
+    fill_at = sorted(rng.randint(lo, hi) for _ in range(n_fills))
     queue: list = []
     seq = [0]
+
+    def push(delay: float, action: Any) -> None:
+        _schedule(queue, seq, time.time() + delay, action)
+
+    def run_due() -> None:
+        now = time.time()
+        while queue and queue[0][0] <= now:
+            _, _, action = heapq.heappop(queue)
+            action()
+
     t_end = time.monotonic() + cfg.duration
     submitted = 0
     stalled_since = None
@@ -589,17 +1038,19 @@ def _drive(state: _State) -> None:
         if time.monotonic() > t_end:
             state.notes.append(f"submission stopped at the duration limit after {i} tasks")
             break
-        # run due scheduled actions (cancels, actor ends)
-        now = time.time()
-        while queue and queue[0][0] <= now:
-            _, _, action = heapq.heappop(queue)
-            action()
+        run_due()  # scheduled actions (cancels, actor steps and ends)
         while kill_at and kill_at[0] <= i:
             kill_at.pop(0)
             _kill_worker(state, rng)
         while install_at and install_at[0] <= i:
             install_at.pop(0)
             _reinstall(state)
+        while rereg_at and rereg_at[0] <= i:
+            rereg_at.pop(0)
+            _reregister(state)
+        while fill_at and fill_at[0] <= i:
+            fill_at.pop(0)
+            _fill(state, i, rng, push)
         # pacing: at most max_inflight unresolved futures, a bounded wait
         _prune(state)
         while len(state.waiting) >= cfg.max_inflight:
@@ -612,10 +1063,7 @@ def _drive(state: _State) -> None:
                 )
                 return
             time.sleep(0.005)
-            now = time.time()
-            while queue and queue[0][0] <= now:
-                _, _, action = heapq.heappop(queue)
-                action()
+            run_due()
             _prune(state)
         stalled_since = None
 
@@ -638,30 +1086,30 @@ def _drive(state: _State) -> None:
             op.mode, op.max_calls = "process", 1
         elif kind == "plain_actor":
             op.mode, op.api = "thread", "plain"
+        elif kind in (
+            "actor_kill_mid_call",
+            "actor_drop_mid_call",
+            "actor_drop_constructing",
+            "actor_child_sigkill",
+        ):
+            op.mode, op.api = "process", "facade"  # the isolated actor's own process
+        elif kind == "actor_kill_constructing":
+            op.api = "facade"
         state.ops[hid] = op
         try:
-            if kind.startswith("actor") or kind == "plain_actor":
-                slow = 0.6 + rng.random() * 0.6 if kind == "actor_kill_constructing" else 0.0
-                a = _make_actor(state, op, slow)
-                state.actors[hid] = a
-                state.waiting.append((hid, a["handle"]._future if "handle" in a else a["future"]))
-                for c in a["calls"]:
-                    state.waiting.append((f"{hid}.call", c))
-                if kind == "actor_kill_constructing":
-                    how, delay = "construct", 0.1 + rng.random() * 0.4
-                elif kind == "actor_drop":
-                    how, delay = "drop", 0.2 + rng.random() * 1.0
-                elif kind == "plain_actor":
-                    how, delay = rng.choice(("kill", "drop")), 0.2 + rng.random() * 1.0
-                else:
-                    how, delay = "kill", 0.2 + rng.random() * 1.0
-                _schedule(
-                    queue,
-                    seq,
-                    time.time() + delay,
-                    lambda hid=hid, how=how: _end_actor(state, hid, how),
-                )
-                a = None  # the driver keeps no handle but the one in state.actors
+            if kind in ACTOR_OPS:
+                _actor_op(state, op, rng, push)
+            elif kind == "priority_pass":
+                del state.ops[hid]
+                _priority_pass(state, i, rng)
+            elif kind == "mem_task":
+                if rng.random() < 2 / 3:  # MEM only, no GPU
+                    op.share = 0
+                    fut = _submit_mem(state, op, duration)
+                else:  # MEM beside a GPU request
+                    fut = _submit_task(state, op, duration, fault, extra={"MEM": 1})
+                state.waiting.append((hid, fut))
+                _event(state, "mem_task", hid=hid, share=op.share, api=op.api)
             else:
                 fut = _submit_task(state, op, duration, fault)
                 state.waiting.append((hid, fut))
@@ -686,30 +1134,80 @@ def _drive(state: _State) -> None:
                         state.faults["cancel_running"] += 1
                         _cancel(fut)
 
-                    _schedule(queue, seq, time.time() + 0.15 + rng.random() * 0.4, cancel_later)
+                    push(0.15 + rng.random() * 0.4, cancel_later)
         except Exception as exc:  # a submission the package refused
             op.outcome = f"submit-error:{type(exc).__name__}: {exc}"
             state.notes.append(f"{hid} ({kind}, share {share}) not submitted: {exc!r}")
         submitted += 1
         if submitted % 500 == 0:
             _log(state, f"{submitted} submitted, {len(state.waiting)} in flight")
-    # remaining scheduled actions (actor ends, late cancels), bounded by their own times
-    while queue:
-        at, _, action = heapq.heappop(queue)
-        delay = at - time.time()
+    # remaining scheduled actions (actor steps and ends, late cancels), each at its time; an
+    # actor step reschedules itself only until its own deadline, so this ends
+    deadline = time.monotonic() + cfg.hang_timeout + 60
+    while queue and time.monotonic() < deadline:
+        delay = queue[0][0] - time.time()
         if delay > 0:
-            time.sleep(min(delay, 5.0))
-        action()
+            time.sleep(min(delay, 0.05))
+        run_due()
         _prune(state)
+    for _, _, action in sorted(queue):  # past the bound: run what is left now
+        action()
+    queue.clear()
+
+
+def _actor_op(state: _State, op: _Op, rng: random.Random, push: Any) -> None:
+    """Create an actor and schedule its fault (see ``OPS``)."""
+    kind, hid = op.op, op.hid
+    slow = 0.0
+    if kind in ("actor_kill_constructing", "actor_drop_constructing"):
+        # an isolated constructor outlasts the bound, so a child the kill does not end is
+        # seen ticking after it; one in a thread cannot be ended, so it is short
+        if op.mode == "process":
+            slow = state.cfg.slow_ctor * (1 + rng.random() * 0.25)
+        else:
+            slow = 0.6 + rng.random() * 0.6
+    mid_call = kind in ("actor_kill_mid_call", "actor_drop_mid_call", "actor_child_sigkill")
+    a = _make_actor(state, op, slow)
+    state.actors[hid] = a
+    state.waiting.append((hid, a["handle"]._future if "handle" in a else a["future"]))
+    for c in a["calls"]:
+        state.waiting.append((f"{hid}.call", c))
+    if mid_call:
+        how = {"actor_kill_mid_call": "kill_mid_call", "actor_drop_mid_call": "drop_mid_call"}
+
+        def ready(value: Any) -> None:
+            if kind == "actor_child_sigkill":
+                _sigkill_child(state, hid, value, push, rng)
+                return
+            seconds = 1.5 + rng.random() * 1.5
+            call = state.actors[hid]["handle"].work.remote(state.sink, hid, seconds)
+            state.waiting.append((f"{hid}.call", call))
+            push(0.2 + rng.random() * 0.4, lambda: _end_actor(state, hid, how[kind]))
+
+        deadline = time.time() + 30.0
+        push(0.05, lambda: _after_ready(state, hid, a["calls"][0], ready, deadline, push))
+        return
+    if kind == "actor_kill_constructing":
+        how, delay = "construct", 0.1 + rng.random() * 0.4
+    elif kind == "actor_drop_constructing":
+        how, delay = "drop_construct", 0.3 + rng.random() * 0.7
+    elif kind == "actor_drop":
+        how, delay = "drop", 0.2 + rng.random() * 1.0
+    elif kind == "plain_actor":
+        how, delay = rng.choice(("kill", "drop")), 0.2 + rng.random() * 1.0
+    else:
+        how, delay = "kill", 0.2 + rng.random() * 1.0
+    push(delay, lambda: _end_actor(state, hid, how))
 
 
 # -- after the run -------------------------------------------------------------------------------
 
 
-def _read_sink(sink: str) -> tuple[dict, list]:
+def _read_sink(sink: str) -> tuple[dict, list, dict]:
     starts: dict[str, dict] = {}
     ends: dict[str, dict] = {}
     ticks: dict[str, float] = {}
+    calls: dict[str, dict] = {}  # hid -> {"t": call start, "end": call end or None}
     bad_lines = []
     for path in Path(sink).glob("*.log"):
         for line in path.read_text().splitlines():
@@ -725,6 +1223,10 @@ def _read_sink(sink: str) -> tuple[dict, list]:
                 ends[n] = r
             elif r["e"] == "tick":
                 ticks[n] = max(ticks.get(n, 0.0), r["t"])
+            elif r["e"] == "call":
+                calls.setdefault(r["h"], {"end": None})["t"] = r["t"]
+            elif r["e"] == "call_end":
+                calls.setdefault(r["h"], {"t": None})["end"] = r["t"]
     holders = {}
     for n, s in starts.items():
         e = ends.get(n)
@@ -736,7 +1238,7 @@ def _read_sink(sink: str) -> tuple[dict, list]:
             "last_tick": ticks.get(n),
             "worker_pid": s["pid"] if s["inw"] else s["ppid"],
         }
-    return holders, bad_lines
+    return holders, bad_lines, calls
 
 
 def _sweep(intervals: list[tuple]) -> list[dict]:
@@ -927,7 +1429,7 @@ def _finish(state: _State) -> dict:
     hung = []
     if state.waiting:
         try:
-            table = _bounded(gr.allocations, 30, state.client)
+            table = _table(state, 30)
         except Exception:
             table = {}
         by_key = {op.key: op for op in state.ops.values() if op.key}
@@ -974,7 +1476,7 @@ def _finish(state: _State) -> dict:
         if hung_table is not None:
             time.sleep(1.0)
             with contextlib.suppress(Exception):
-                hung_table["stages"][name] = _bounded(gr.allocations, 20, state.client)
+                hung_table["stages"][name] = _table(state, 20)
 
     stage("after cancelling the hung futures")
     # release every handle and future we hold
@@ -991,7 +1493,7 @@ def _finish(state: _State) -> dict:
     deadline = time.monotonic() + 30
     while True:
         try:
-            table = _bounded(gr.allocations, 20, state.client)
+            table = _table(state, 20)
             leaked_table = {w: {d: h for d, h in devs.items() if h} for w, devs in table.items()}
             leaked_table = {w: devs for w, devs in leaked_table.items() if devs}
         except Exception as exc:
@@ -1034,6 +1536,62 @@ def _finish(state: _State) -> dict:
     }
 
 
+def _ticking_after_end(state: _State, holders: dict) -> list[dict]:
+    """Dead holders (``state.dead``) whose instance still ticked more than the bound after
+    the kill, drop or child SIGKILL: a child the kill did not end (or that went on
+    constructing after it)."""
+    out = []
+    for h in holders.values():
+        op = state.ops.get(h["h"])
+        dead = state.dead.get(op.key) if op is not None else None
+        if dead is None:
+            continue
+        alive = max(h["end"] or 0.0, h["last_tick"] or 0.0)
+        if alive - dead["t"] > state.bound:
+            out.append(
+                {
+                    "key": op.key,
+                    **dead,
+                    "seen": "ticking",
+                    "after_s": round(alive - dead["t"], 2),
+                    "started_after_s": round(h["t"] - dead["t"], 2),
+                    "op": op.op,
+                    "share": op.share,
+                    "pid": h["pid"],
+                }
+            )
+    return out
+
+
+def _mid_call(state: _State, calls: dict) -> dict:
+    """How many mid-call kills and drops found the slow method running (it had written
+    ``call`` and not ``call_end`` at the fault)."""
+    out: Counter = Counter()
+    for op in state.ops.values():
+        if op.op not in ("actor_kill_mid_call", "actor_drop_mid_call") or op.fault_at is None:
+            continue
+        c = calls.get(op.hid)
+        if c is None or c.get("t") is None:
+            out[f"{op.op}:call_not_started"] += 1
+        elif c["t"] <= op.fault_at and (c["end"] is None or c["end"] > op.fault_at):
+            out[f"{op.op}:running"] += 1
+        else:
+            out[f"{op.op}:call_over"] += 1
+    return dict(out)
+
+
+def _priority_waits(state: _State, holders: dict) -> list[dict]:
+    """For each whole-worker task passed by priority-10 tasks: seconds until it started."""
+    starts = {h["h"]: h["t"] for h in holders.values()}
+    return [
+        {"hid": op.hid, "share": op.share, "waited_s": round(starts[op.hid] - op.submitted, 2)}
+        if op.hid in starts
+        else {"hid": op.hid, "share": op.share, "waited_s": None, "outcome": op.outcome}
+        for op in state.ops.values()
+        if op.op == "priority_pass"
+    ]
+
+
 def _soak_children(tag: str) -> list[dict]:
     import psutil
 
@@ -1050,6 +1608,17 @@ def _soak_children(tag: str) -> list[dict]:
     return found
 
 
+def liveness_bound(cfg: SoakConfig) -> float:
+    """5 s plus one rebalance tick (``gpuresources.scheduler.rebalance-interval``)."""
+    if cfg.liveness_bound is not None:
+        return cfg.liveness_bound
+    import dask
+    from dask.utils import parse_timedelta
+
+    tick = dask.config.get("gpuresources.scheduler.rebalance-interval", "500ms")
+    return 5.0 + (parse_timedelta(tick, default="s") or 0.0)
+
+
 def run_soak(cfg: SoakConfig) -> dict:
     """Run one soak; returns the report (also written to ``cfg.json_path`` when set)."""
     import cloudpickle
@@ -1058,7 +1627,7 @@ def run_soak(cfg: SoakConfig) -> dict:
     if __name__ != "__main__":  # imported (tests): ship our holders by value
         cloudpickle.register_pickle_by_value(module)
     sink = tempfile.mkdtemp(prefix="gr-soak-")
-    state = _State(cfg=cfg, sink=sink, tag=uuid.uuid4().hex)
+    state = _State(cfg=cfg, sink=sink, tag=uuid.uuid4().hex, bound=liveness_bound(cfg))
     stop = threading.Event()
     poller = None
     t0 = time.time()
@@ -1092,8 +1661,10 @@ def run_soak(cfg: SoakConfig) -> dict:
             time.sleep(0.2)
         with contextlib.suppress(Exception):
             cloudpickle.unregister_pickle_by_value(module)
-    holders, bad_lines = _read_sink(sink)
+    holders, bad_lines, calls = _read_sink(sink)
     analysis = _analyse(state, holders)
+    zombies = state.zombies + _ticking_after_end(state, holders)
+    mid_call = _mid_call(state, calls)
     n_violations = (
         len(analysis["overlaps"]) + len(analysis["id_problems"]) + len(state.table_violations)
     )
@@ -1124,6 +1695,7 @@ def run_soak(cfg: SoakConfig) -> dict:
         )
     n_leaked = leaked_entries + len(children) + len(pending)
     n_hung = len(finish.get("hung", []))
+    n_liveness = len(state.liveness)
     if error is not None and not finish:
         n_hung = max(n_hung, 1)  # the run did not get to its checks: not a pass
     faults = {k: state.faults.get(k, 0) for k in FAULT_KINDS}
@@ -1134,7 +1706,16 @@ def run_soak(cfg: SoakConfig) -> dict:
         "violations": n_violations,
         "leaked": n_leaked,
         "hung": n_hung,
+        "liveness": n_liveness,
+        "zombies": len(zombies),
         "fault_counts": faults,
+        "liveness_bound_s": state.bound,
+        "liveness_detail": state.liveness,
+        "liveness_polls": state.liveness_polls,
+        "liveness_poll_errors": state.liveness_errors,
+        "zombie_detail": zombies,
+        "mid_call": mid_call,
+        "priority_waits": _priority_waits(state, holders),
         "config": asdict(cfg),
         "elapsed_s": round(time.time() - t0, 1),
         "holders": analysis["holders"],
@@ -1147,6 +1728,7 @@ def run_soak(cfg: SoakConfig) -> dict:
         "table_violations": state.table_violations,
         "table_snapshots": state.table_snapshots,
         "table_poll_errors": state.table_errors,
+        "table_refresh_errors": state.table_refresh_errors,
         "physical_overlaps": analysis["physical_overlaps"],
         "hung_detail": finish.get("hung", []),
         "hung_table": finish.get("hung_table"),
@@ -1167,7 +1749,7 @@ def run_soak(cfg: SoakConfig) -> dict:
         path = Path(cfg.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1, default=str))
-    if not cfg.keep_sink and not (n_violations or n_leaked or n_hung):
+    if not cfg.keep_sink and not _failed(report):
         shutil.rmtree(sink, ignore_errors=True)
         report["sink"] = None
     return report
@@ -1194,11 +1776,16 @@ def _code_version() -> dict:
     return out
 
 
+def _failed(report: dict) -> bool:
+    return any(report[k] for k in ("violations", "leaked", "hung", "liveness", "zombies"))
+
+
 def summary_line(report: dict) -> str:
     per = " ".join(f"{k}={v}" for k, v in report["fault_counts"].items())
     return (
         f"tasks={report['tasks']} faults={report['faults']} violations={report['violations']} "
-        f"leaked={report['leaked']} hung={report['hung']} ({per})"
+        f"leaked={report['leaked']} hung={report['hung']} liveness={report['liveness']} "
+        f"zombies={report['zombies']} ({per})"
     )
 
 
@@ -1219,6 +1806,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-inflight", type=int, default=SoakConfig.max_inflight)
     p.add_argument("--worker-kills", type=int, default=None)
     p.add_argument("--reinstalls", type=int, default=None)
+    p.add_argument("--reregisters", type=int, default=None)
+    p.add_argument("--fills", type=int, default=None)
+    p.add_argument("--mem", type=int, default=SoakConfig.mem, help="MEM resource per worker")
+    p.add_argument("--slow-ctor", type=float, default=SoakConfig.slow_ctor)
+    p.add_argument("--liveness-poll", type=float, default=SoakConfig.liveness_poll)
+    p.add_argument(
+        "--liveness-bound", type=float, default=None, help="default: 5 s + one rebalance tick"
+    )
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--keep-sink", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -1234,6 +1829,12 @@ def main(argv: list[str] | None = None) -> int:
         max_inflight=a.max_inflight,
         worker_kills=a.worker_kills,
         reinstalls=a.reinstalls,
+        reregisters=a.reregisters,
+        fills=a.fills,
+        mem=a.mem,
+        slow_ctor=a.slow_ctor,
+        liveness_poll=a.liveness_poll,
+        liveness_bound=a.liveness_bound,
         json_path=a.json,
         keep_sink=a.keep_sink,
         quiet=a.quiet,
@@ -1241,7 +1842,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distributed").setLevel(logging.CRITICAL)
     report = run_soak(cfg)
     print(summary_line(report), flush=True)
-    return 0 if not (report["violations"] or report["leaked"] or report["hung"]) else 1
+    return 1 if _failed(report) else 0
 
 
 if __name__ == "__main__":
