@@ -10,6 +10,7 @@ TensorFlow sees no GPU and trains on the CPU, and the printout says so.
 """
 
 import os
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
@@ -62,5 +63,10 @@ for actor in actors:
     )
     ray.kill(actor)
 
+# kill() returns at once, as in Ray; the devices come free once each actor's process is
+# gone (at most gpuresources.isolation.kill-grace-period later).
+deadline = time.monotonic() + 30
+while ray.available_resources()["GPU"] < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
 print("GPUs free after killing the actors:", ray.available_resources()["GPU"])
 ray.shutdown()
