@@ -27,6 +27,60 @@ def test_missing_internal_is_named(monkeypatch):
     assert len(INTERNALS) > 10
 
 
+def _names_used(path):
+    """The identifiers a module's code uses (names, and string literals that are one name,
+    as in ``getattr(proxy, "_future")``), leaving out docstrings, comments and, in
+    ``_dask_internals``, the ``INTERNALS`` table itself."""
+    import ast
+    import io
+    import tokenize
+
+    text = path.read_text()
+    skip = range(0)
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and "INTERNALS" in ast.unparse(node):
+            skip = range(node.lineno, node.end_lineno + 1)
+    names = set()
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.start[0] in skip:
+            continue
+        if token.type == tokenize.NAME:
+            names.add(token.string)
+        elif token.type == tokenize.STRING:
+            try:
+                value = ast.literal_eval(token.string)
+            except ValueError:  # an f-string
+                continue
+            if isinstance(value, str) and value.isidentifier():
+                names.add(value)
+    return names
+
+
+#: Internals whose behaviour the package relies on without naming them in code, each
+#: pinned by the canary named here instead.
+_RELIED_ON_UNNAMED = {
+    "distributed.worker._run_task_simple": "test_dask_hands_the_isolated_executor_the_task",
+    "distributed.stealing.WorkStealing.move_task_confirm": (
+        "test_stealing_an_actor_logs_confirm_and_leaves_it_in_the_victims_actors"
+    ),
+}
+
+
+def test_every_listed_internal_is_used():
+    # A listed-but-unused entry guards nothing and hides what really is used: each entry's
+    # last dotted part must be named by the code (not a comment) of some module.
+    import pathlib
+
+    package = pathlib.Path(gr.__file__).parent
+    used = set().union(*(_names_used(p) for p in package.rglob("*.py")))
+    listed = {f"{m}.{d}": d.rsplit(".", 1)[-1] for m, d, _ in INTERNALS}
+    unused = [
+        name for name, last in listed.items() if last not in used and name not in _RELIED_ON_UNNAMED
+    ]
+    assert not unused, f"listed in INTERNALS but used nowhere in the package: {unused}"
+    assert set(_RELIED_ON_UNNAMED) <= set(listed)
+
+
 def _keys(tree, prefix=""):
     out = set()
     for k, v in tree.items():
