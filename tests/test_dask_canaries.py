@@ -401,3 +401,105 @@ async def test_restrictions_set_in_update_graph_are_placed_by_and_fail_task_ends
     fail_task(s, future.key, ValueError("canary says no"), stimulus_id="canary")
     with pytest.raises(ValueError, match="canary says no"):
         await asyncio.wait_for(future, 10)
+
+
+# -- the worker-side touch-points used outside _dask_internals --------------------------------
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_the_heartbeats_memory_is_the_monitors_get_process_memory(c, s, a):
+    # Why isolated children's memory is counted by replacing Worker.monitor's
+    # get_process_memory (count_in_process_memory): the scheduler's view comes from it.
+    from dask_gpuresources._dask_internals import count_in_process_memory
+
+    extra = 1 << 50  # a petabyte: no process measures that much by itself
+    undo = count_in_process_memory(a, lambda: extra)
+    assert a.monitor.get_process_memory() >= extra
+    a.monitor.update()  # what the monitor's periodic callback does
+    await a.heartbeat()
+    assert s.workers[a.address].memory.process >= extra
+    undo()
+    assert "get_process_memory" not in a.monitor.__dict__
+    assert a.monitor.get_process_memory() < extra
+
+
+def _secedes(event):
+    from distributed import secede
+
+    secede()
+    event.wait(30)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_a_seceded_task_leaves_executing_for_long_running(c, s, a):
+    # Why tasks running when the plugin installs are found in executing | long_running.
+    from distributed import Event
+
+    event = Event()
+    future = c.submit(_secedes, event, pure=False)
+    await _until(
+        lambda: a.state.tasks.get(future.key) in a.state.long_running, "the task in long_running"
+    )
+    assert a.state.tasks[future.key] not in a.state.executing
+    await event.set()
+    await future
+
+
+class _Made:
+    pass
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_an_actors_instance_reaches_the_state_machine_in_execute_success_event(c, s, a):
+    # Why admission watches an actor's instance from the ExecuteSuccessEvent of its key.
+    from distributed.worker_state_machine import ExecuteSuccessEvent
+
+    seen = []
+    handle = a.handle_stimulus
+
+    def watching(*stims):
+        seen.extend(s for s in stims if type(s) is ExecuteSuccessEvent)
+        return handle(*stims)
+
+    a.handle_stimulus = watching
+    try:
+        actor = await c.submit(_Made, actor=True)
+    finally:
+        del a.handle_stimulus
+    (event,) = [e for e in seen if e.key == actor.key]
+    assert event.value is a.state.actors[actor.key]
+
+
+async def _coroutine_task(event):
+    await event.wait(30)
+
+
+def _sync_task(event):
+    event.wait(30)
+
+
+@gen_cluster(client=True, nthreads=[("", 2)])
+async def test_a_coroutine_tasks_run_spec_says_is_coro(c, s, a):
+    # Why an isolated GPU task that is a coroutine function stays on the worker's loop: the
+    # worker's TaskState.run_spec tells (Task.is_coro).
+    from distributed import Event
+
+    event = Event()
+    futures = [c.submit(f, event, pure=False) for f in (_coroutine_task, _sync_task)]
+    await _until(lambda: all(f.key in a.state.tasks for f in futures), "both tasks")
+    assert [a.state.tasks[f.key].run_spec.is_coro for f in futures] == [True, False]
+    await event.set()
+    await c.gather(futures)
+
+
+@gen_cluster(client=True, nthreads=[], scheduler_kwargs={"dashboard": True, "http_prefix": "/x"})
+async def test_dask_pages_serve_under_the_schedulers_http_prefix(c, s):
+    # Why the GPU page is made with dashboard_prefix(dask's BokehTornado): Dask's own pages
+    # live under the scheduler's http_prefix.
+    pytest.importorskip("bokeh")
+    from dask_gpuresources._dask_internals import dashboard_prefix
+    from dask_gpuresources._http import bokeh_pages
+
+    pages = bokeh_pages(s)
+    assert pages is not None and pages in s.http_application.applications
+    assert dashboard_prefix(pages).strip("/") == "x"
