@@ -131,3 +131,40 @@ def test_dask_hands_the_isolated_executor_the_task():
     assert list(inspect.signature(_run_task_simple).parameters)[:2] == ["task", "data"]
     assert "task(data)" in inspect.getsource(_run_task_simple)
     assert "ThreadPoolExecutor" not in str(IsolatedExecutor)
+
+
+def _scheduler_surface(s):
+    """What the scheduler plugin may change on a scheduler: its handlers, its instance and
+    its work-stealing extension's instance attributes."""
+    stealing = s.extensions.get("stealing")
+    return (
+        dict(s.handlers),
+        dict(vars(s)).keys() - {"_last_time", "transition_counter"},
+        None if stealing is None else set(vars(stealing)),
+        (dict(s.resources.get("GPU", {})), {a: dict(ws.resources) for a, ws in s.workers.items()}),
+    )
+
+
+def test_close_undoes_what_start_did():
+    from distributed.utils_test import gen_cluster
+
+    from dask_gpuresources.scheduler import GPUSchedulerPlugin
+
+    @gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"resources": {"GPU": 1}})
+    async def run(c, s, a):
+        before = _scheduler_surface(s)
+        plugin = GPUSchedulerPlugin()
+        await c.register_plugin(plugin)
+        plugin = s.plugins[plugin.name]
+        assert s.handlers["workers_to_close"] != before[0]["workers_to_close"]
+        assert s.handlers["set_resources"] != before[0]["set_resources"]
+        assert "valid_workers" in vars(s) and "put_key_in_stealable" in vars(
+            s.extensions["stealing"]
+        )
+        assert await c.submit(gr.get_gpu_ids, resources={"GPU": 1}, pure=False) == [0]
+        await plugin.close()
+        after = _scheduler_surface(s)
+        assert after[0] == before[0]
+        assert after[1:] == before[1:]
+
+    run()
