@@ -1,9 +1,15 @@
-"""Every private piece of distributed that the plugins touch, named in one place.
+"""Every private piece of distributed that the package touches, named in one place.
 
 distributed documents these as implementation details that may change without deprecation.
-``tests/test_dask_internals.py`` calls :func:`missing_internals` so that a release which
-removes or renames one fails loudly, naming it, instead of breaking device accounting quietly.
-The tested range of ``distributed`` is pinned in ``pyproject.toml``.
+Each read or write of private Dask state is a small function here; each change to a running
+scheduler returns a function that undoes it (the scheduler plugin's ``close()`` runs them).
+:data:`INTERNALS` lists every private name the package relies on, including those a module
+uses because it is that module's reason to exist (``_admission`` subclasses ``WorkerState``).
+
+``tests/test_package.py`` calls :func:`missing_internals`, so that a release which removes or
+renames one fails loudly, naming it, and checks that every entry is still used;
+``tests/test_dask_canaries.py`` pins the behaviour each one is relied on for. The tested range
+of ``distributed`` is pinned in ``pyproject.toml``.
 """
 
 from __future__ import annotations
