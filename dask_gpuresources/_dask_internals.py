@@ -1,9 +1,15 @@
-"""Every private piece of distributed that the plugins touch, named in one place.
+"""Every private piece of distributed that the package touches, named in one place.
 
 distributed documents these as implementation details that may change without deprecation.
-``tests/test_dask_internals.py`` calls :func:`missing_internals` so that a release which
-removes or renames one fails loudly, naming it, instead of breaking device accounting quietly.
-The tested range of ``distributed`` is pinned in ``pyproject.toml``.
+Each read or write of private Dask state is a small function here; each change to a running
+scheduler returns a function that undoes it (the scheduler plugin's ``close()`` runs them).
+:data:`INTERNALS` lists every private name the package relies on, including those a module
+uses because it is that module's reason to exist (``_admission`` subclasses ``WorkerState``).
+
+``tests/test_package.py`` calls :func:`missing_internals`, so that a release which removes or
+renames one fails loudly, naming it, and checks that every entry is still used;
+``tests/test_dask_canaries.py`` pins the behaviour each one is relied on for. The tested range
+of ``distributed`` is pinned in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -22,19 +28,34 @@ __all__ = [
     "actor_address",
     "actor_caller",
     "actor_status",
-    "missing_internals",
     "count_in_process_memory",
+    "dashboard_prefix",
+    "dask_valid_workers",
+    "fail_task",
+    "keep_out_of_stealing",
+    "missing_internals",
     "move_actor",
+    "moves_in_flight",
     "register_event_handler",
     "release_actor_proxy",
+    "release_tasks",
+    "remove_from_stealing",
+    "rename_worker_resource",
+    "request_move",
     "running_actor_key",
     "scheduler_extension",
     "set_scheduler_extension",
     "run_instead",
+    "set_scheduler_handler",
+    "set_task_restrictions",
+    "set_worker_capacity",
     "set_worker_extension",
     "set_worker_handler",
     "steal_confirmed",
+    "stealing_extension",
     "worker_extension",
+    "wrap_scheduler_handler",
+    "wrap_scheduler_method",
 ]
 
 
@@ -275,6 +296,200 @@ def run_instead(ts: object, function: Callable[..., Any], *args: Any) -> None:
     ts.run_spec = Task(ts.key, function, *args)  # type: ignore[attr-defined]
 
 
+# -- the scheduler: methods, handlers and the work-stealing extension ----------------------
+#
+# Each function below that changes the scheduler returns a function that undoes the change,
+# and that undo leaves alone whatever someone else installed over it since.
+
+
+def wrap_scheduler_method(
+    scheduler: object, name: str, wrapper: Callable[..., Any]
+) -> Callable[[], None]:
+    """Make the scheduler's method ``name`` call ``wrapper(original, *args, **kwargs)``.
+
+    The scheduler calls ``self.valid_workers(ts)`` and ``self.workers_to_close(...)``
+    through the instance, so an instance attribute stands in for the class's method; Dask's
+    RPC handler of the same name (``workers_to_close``: adaptive scale-down asks through it)
+    is bound to the original at construction and is replaced too. ``original`` is the
+    method as it was. Returns a function that undoes both.
+    """
+    original = getattr(scheduler, name)
+
+    def replacement(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(original, *args, **kwargs)
+
+    # not functools.wraps: Dask's handlers read the signature (has_keyword(handler, "comm"))
+    replacement.__name__ = name
+    setattr(scheduler, name, replacement)
+    handlers = scheduler.handlers  # type: ignore[attr-defined]
+    handled = name in handlers and handlers[name] == original
+    if handled:
+        handlers[name] = replacement
+
+    def undo() -> None:
+        if scheduler.__dict__.get(name) is replacement:
+            delattr(scheduler, name)
+        if handled and handlers.get(name) is replacement:
+            handlers[name] = original
+
+    return undo
+
+
+def dask_valid_workers(scheduler: object, ts: object) -> set | None:
+    """Dask's own ``Scheduler.valid_workers(ts)``, whatever stands in for it on the
+    instance: the workers ``ts``'s restrictions allow (None: any)."""
+    return type(scheduler).valid_workers(scheduler, ts)  # type: ignore[attr-defined]
+
+
+def wrap_scheduler_handler(
+    scheduler: object, name: str, wrapper: Callable[..., Any]
+) -> Callable[[], None] | None:
+    """Serve the scheduler's RPC operation ``name`` with ``wrapper(original, **msg)``.
+
+    Returns a function that puts ``original`` back, or None where the scheduler has no
+    such handler (nothing changed).
+    """
+    handlers = scheduler.handlers  # type: ignore[attr-defined]
+    original = handlers.get(name)
+    if original is None:
+        return None
+
+    def replacement(**kwargs: Any) -> Any:
+        return wrapper(original, **kwargs)
+
+    handlers[name] = replacement
+
+    def undo() -> None:
+        if handlers.get(name) is replacement:
+            handlers[name] = original
+
+    return undo
+
+
+def set_scheduler_handler(
+    scheduler: object, name: str, handler: Callable[..., Any]
+) -> Callable[[], None]:
+    """Serve ``handler`` as the scheduler's RPC operation ``name`` (what
+    ``client.scheduler.<name>(...)`` calls). Returns a function that removes it again."""
+    handlers = scheduler.handlers  # type: ignore[attr-defined]
+    handlers[name] = handler
+
+    def undo() -> None:
+        if handlers.get(name) is handler:
+            del handlers[name]
+
+    return undo
+
+
+def stealing_extension(scheduler: object) -> object | None:
+    """Dask's work-stealing extension of ``scheduler``, or None where stealing is off."""
+    return scheduler.extensions.get("stealing")  # type: ignore[attr-defined]
+
+
+def keep_out_of_stealing(stealing: object, keep_out: Callable[[Any], bool]) -> Callable[[], None]:
+    """Dask's work stealing never considers a task for which ``keep_out(ts)`` is true.
+
+    Stealing calls ``self.put_key_in_stealable(ts)`` for every task that enters processing
+    (and when it recalculates costs); only the tasks put there are ever stolen. Returns a
+    function that undoes this.
+    """
+    original = stealing.put_key_in_stealable  # type: ignore[attr-defined]
+
+    def put_key_in_stealable(ts: Any) -> None:
+        if not keep_out(ts):
+            original(ts)
+
+    stealing.put_key_in_stealable = put_key_in_stealable  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        if stealing.__dict__.get("put_key_in_stealable") is put_key_in_stealable:
+            del stealing.put_key_in_stealable  # type: ignore[attr-defined]
+
+    return undo
+
+
+def remove_from_stealing(stealing: object, ts: object) -> None:
+    """Take ``ts`` out of the tasks work stealing may steal (a no-op if it is not there)."""
+    stealing.remove_key_from_stealable(ts)  # type: ignore[attr-defined]
+
+
+def request_move(stealing: object, ts: object, victim: object, thief: object) -> None:
+    """Ask work stealing to move the processing task ``ts`` from ``victim`` to ``thief``.
+
+    The safe protocol: the victim is asked first, and a task that has already started
+    there stays (the scheduler's state is changed only on the victim's answer).
+    """
+    stealing.move_task_request(ts, victim, thief)  # type: ignore[attr-defined]
+
+
+def moves_in_flight(stealing: object) -> Any:
+    """The moves stealing has asked for and not settled: ``{ts: {"thief": ws, ...}}``."""
+    return stealing.in_flight  # type: ignore[attr-defined]
+
+
+# -- the scheduler: resources, restrictions and transitions ---------------------------------
+
+
+def set_worker_capacity(scheduler: object, addr: str, resource: str, value: float) -> None:
+    """Make the scheduler place by ``value`` of ``resource`` on worker ``addr``.
+
+    Placement reads both ``scheduler.resources[resource][addr]`` (which workers are valid)
+    and ``ws.resources`` (what the worker declares); the worker's own books, and the
+    resources in use, stay as they are.
+    """
+    ws = scheduler.workers.get(addr)  # type: ignore[attr-defined]
+    if ws is None:
+        return
+    ws.resources[resource] = value
+    scheduler.resources.setdefault(resource, {})[addr] = value  # type: ignore[attr-defined]
+
+
+def rename_worker_resource(scheduler: object, addr: str, old: str, new: str) -> None:
+    """Rename resource ``old`` of worker ``addr`` to ``new`` in the scheduler's books."""
+    ws = scheduler.workers.get(addr)  # type: ignore[attr-defined]
+    if ws is None or old not in ws.resources:
+        return
+    scheduler.remove_resources(addr)  # type: ignore[attr-defined]
+    ws.resources[new] = ws.resources.pop(old)
+    scheduler.add_resources(addr)  # type: ignore[attr-defined]
+
+
+def set_task_restrictions(ts: object, restrictions: dict) -> None:
+    """Replace the resource restrictions of the scheduler's task ``ts``; set before the
+    task is placed (in ``update_graph``), they are what placement and the worker see."""
+    ts.resource_restrictions = restrictions  # type: ignore[attr-defined]
+
+
+def fail_task(scheduler: object, key: Any, error: BaseException, *, stimulus_id: str) -> None:
+    """Make the scheduler's task ``key`` erred with ``error``, as if it had raised it: its
+    futures raise ``error``, and its dependents fail."""
+    from distributed.protocol.pickle import dumps
+
+    recommendations = scheduler.transition(  # type: ignore[attr-defined]
+        key,
+        "erred",
+        stimulus_id=stimulus_id,
+        exception=dumps(error),
+        cause=key,
+        exception_text=str(error),
+    )
+    scheduler.transitions(recommendations, stimulus_id)  # type: ignore[attr-defined]
+
+
+def release_tasks(scheduler: object, keys: list, *, stimulus_id: str) -> None:
+    """Send the processing tasks ``keys`` back to be placed again (the worker they were
+    on is told to drop them; a task that already runs there is cancelled)."""
+    scheduler.transitions(  # type: ignore[attr-defined]
+        {key: "released" for key in keys}, stimulus_id
+    )
+
+
+def dashboard_prefix(bokeh_tornado: object) -> str:
+    """The URL prefix under which Dask's dashboard (a ``BokehTornado``) serves its pages
+    (the scheduler's ``http_prefix``), ``""`` for none."""
+    return getattr(bokeh_tornado, "_prefix", "") or ""
+
+
 #: (module, dotted attribute, why we need it)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
@@ -286,7 +501,8 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.worker_state_machine",
         "WorkerState.actors",
-        "the worker's live actors by key (running_actor_key)",
+        "the worker's live actors by key (running_actor_key); an actor's hold ends when its "
+        "key leaves them; actor tasks are never isolated (the instance lives in the worker)",
     ),
     (
         "distributed.actor",
@@ -403,11 +619,6 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "distributed.worker_state_machine",
-        "WorkerState.plugins",
-        "the state machine finds the plugin (and its ledger) through this shared dict",
-    ),
-    (
-        "distributed.worker_state_machine",
         "WorkerState._transition",
         "an actor's hold ends on whichever transition takes its key out of the live actors",
     ),
@@ -471,16 +682,6 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "distributed.worker_state_machine",
-        "WorkerState.actors",
-        "actor tasks are never isolated (the instance must live in the worker)",
-    ),
-    (
-        "distributed.worker_state_machine",
-        "WorkerState._TRANSITIONS_TABLE",
-        "an actor's device hold ends on every transition that releases it",
-    ),
-    (
-        "distributed.worker_state_machine",
         "WorkerState._ensure_computing",
         "tasks waiting for an actor's devices start as soon as the actor goes away",
     ),
@@ -502,22 +703,28 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.scheduler",
         "Scheduler.valid_workers",
-        "placement: GPU tasks are offered the workers whose devices are free (least backlog)",
+        "placement: GPU tasks are offered the workers whose devices are free (least "
+        "backlog); the scheduler looks it up on the instance (wrap_scheduler_method, "
+        "dask_valid_workers)",
     ),
     (
         "distributed.scheduler",
         "SchedulerState.resources",
-        "declared capacity per resource and worker",
+        "declared capacity per resource and worker, by which the scheduler finds valid "
+        "workers; set with WorkerState.resources when GPUs are refused (set_worker_capacity)",
     ),
     (
         "distributed.scheduler",
         "Scheduler.add_resources",
-        "renames the lowercase 'gpu' resource that environment variables produce",
+        "renames the lowercase 'gpu' resource that environment variables produce "
+        "(rename_worker_resource); it is the 'set_resources' handler that placement follows "
+        "(wrap_scheduler_handler)",
     ),
     (
         "distributed.scheduler",
         "Scheduler.remove_resources",
-        "renames the lowercase 'gpu' resource that environment variables produce",
+        "renames the lowercase 'gpu' resource that environment variables produce "
+        "(rename_worker_resource)",
     ),
     (
         "distributed.scheduler",
@@ -527,17 +734,17 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.scheduler",
         "Scheduler.transition",
-        "a rejected request becomes an erred task carrying our exception",
+        "a rejected request becomes an erred task carrying our exception (fail_task)",
     ),
     (
         "distributed.scheduler",
         "TaskState.resource_restrictions",
-        "GPU requests are validated and normalised at submission",
+        "GPU requests are validated and normalised at submission (set_task_restrictions)",
     ),
     (
         "distributed.scheduler",
         "TaskState.processing_on",
-        "per-worker GPU load for placement",
+        "the worker a queued GPU task waits on (placement's load, rebalance(), overlap)",
     ),
     (
         "distributed.scheduler",
@@ -547,17 +754,20 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.stealing",
         "WorkStealing.put_key_in_stealable",
-        "occupancy-based stealing does not see devices; GPU tasks are kept out of it",
+        "occupancy-based stealing does not see devices; GPU tasks are kept out of it "
+        "(keep_out_of_stealing)",
     ),
     (
         "distributed.stealing",
         "WorkStealing.move_task_request",
-        "queued GPU work moves to workers whose devices are idle (the safe steal protocol)",
+        "queued GPU work moves to workers whose devices are idle (the safe steal protocol; "
+        "request_move)",
     ),
     (
         "distributed.stealing",
         "WorkStealing.remove_key_from_stealable",
-        "GPU tasks made stealable before the plugin started are taken out of stealing",
+        "GPU tasks made stealable before the plugin started are taken out of stealing "
+        "(remove_from_stealing)",
     ),
     (
         "distributed.stealing",
@@ -578,29 +788,33 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.stealing",
         "WorkStealing.in_flight",
-        "a move rebalance() requested is followed until stealing settles it",
+        "a move rebalance() requested is followed until stealing settles it (moves_in_flight)",
     ),
     (
         "distributed.scheduler",
         "Scheduler.handlers",
         "the allocation table, its JSON form and the workers' device announcements are "
-        "scheduler RPC handlers",
+        "scheduler RPC handlers (set_scheduler_handler); set_resources and workers_to_close "
+        "are served wrapped (wrap_scheduler_handler, wrap_scheduler_method)",
     ),
     (
         "distributed.scheduler",
         "Scheduler.extensions",
-        "the work-stealing extension is found here (GPU tasks are kept out of it); the "
-        "scheduler plugin's state that outlives an instance lives here",
+        "the work-stealing extension is found here (stealing_extension); the scheduler "
+        "plugin's state that outlives an instance lives here (scheduler_extension)",
     ),
     (
         "distributed.scheduler",
         "Scheduler.transitions",
-        "GPU tasks placed on a worker whose devices are refused (overlap: raise) are released",
+        "GPU tasks placed on a worker whose devices are refused (overlap: raise) are "
+        "released (release_tasks); a rejected request's erred transition is applied "
+        "(fail_task)",
     ),
     (
         "distributed.scheduler",
         "WorkerState.resources",
-        "a worker's declared GPU count, read for placement and set to 0 when refused",
+        "a worker's declared GPU count, read for placement and set to 0 when refused "
+        "(set_worker_capacity)",
     ),
     (
         "distributed.scheduler",
@@ -657,6 +871,67 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "Worker.execute",
         "Dask dispatches a task to a non-thread-pool executor by the executor's class name "
         "(one without 'ThreadPoolExecutor' gets _run_task_simple)",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.workers_to_close",
+        "adaptive scale-down and retire_workers(n=...) never close a worker hosting a GPU "
+        "actor; the scheduler calls it on the instance, and its RPC handler is bound to it "
+        "(wrap_scheduler_method)",
+    ),
+    (
+        "distributed.scheduler",
+        "TaskState.who_has",
+        "the worker a live GPU actor holds its devices on, when a plugin instance rebuilds "
+        "its holds from the scheduler's tasks",
+    ),
+    (
+        "distributed.scheduler",
+        "SchedulerState.running",
+        "rebalance() moves GPU work only to running workers (not paused or closing ones)",
+    ),
+    (
+        "distributed.scheduler",
+        "Scheduler.http_application",
+        "the JSON route and the dashboard page are added to the scheduler's HTTP server",
+    ),
+    (
+        "bokeh.server.tornado",
+        "BokehTornado._prefix",
+        "the page is served under the prefix Dask's dashboard has (dashboard_prefix)",
+    ),
+    (
+        "distributed.worker",
+        "Worker.state",
+        "the worker's state machine: its class is extended by admission (a subclass set as "
+        "its __class__), its tasks, resources and actors read",
+    ),
+    (
+        "distributed.worker",
+        "Worker.monitor",
+        "the SystemMonitor whose get_process_memory counts isolated children's memory "
+        "(count_in_process_memory)",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "WorkerState.long_running",
+        "tasks already running (seceded ones too) when the plugin is installed are given leases",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "ExecuteSuccessEvent",
+        "the event by which an actor's constructor returns its instance to the state machine "
+        "(an isolated actor's instance is watched from it)",
+    ),
+    (
+        "distributed.worker_state_machine",
+        "TaskState.run_spec",
+        "what a task runs: coroutine tasks stay on the worker's loop, not isolated",
+    ),
+    (
+        "dask._task_spec",
+        "Task.is_coro",
+        "a coroutine function task cannot run in an isolated child process",
     ),
 )
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from distributed.comm import get_address_host
 
-from . import _config
+from . import _config, _dask_internals
 from ._names import GPU, PLUGIN_NAME
 
 logger = logging.getLogger("distributed.gpuresources")
@@ -274,11 +274,7 @@ class OverlapChecks:
     def _set_gpu_capacity(self, addr: str, value: float) -> None:
         # The scheduler places by scheduler.resources[GPU][addr] (and ws.resources); the
         # worker's own bookkeeping and the used resources stay as they are.
-        ws = self.scheduler.workers.get(addr)
-        if ws is None:
-            return
-        ws.resources[GPU] = value
-        self.scheduler.resources.setdefault(GPU, {})[addr] = value
+        _dask_internals.set_worker_capacity(self.scheduler, addr, GPU, value)
         self._stale.add(addr)
 
     def _restore_gpus(self, addr: str) -> None:
@@ -299,6 +295,7 @@ class OverlapChecks:
             and not ts.actor
         ]
         if keys:
-            stimulus_id = f"gpuresources-overlap-{addr}"
-            self.scheduler.transitions({key: "released" for key in keys}, stimulus_id)
+            _dask_internals.release_tasks(
+                self.scheduler, keys, stimulus_id=f"gpuresources-overlap-{addr}"
+            )
         return len(keys)

@@ -233,8 +233,9 @@ class Placement:
             *(members for _, group in chosen for free, members in group.items() if free >= units)
         )
 
-    def _valid_workers(self, ts: Any) -> set | None:
-        """Dask's valid workers for ``ts``, narrowed for GPU tasks to the least backlog.
+    def _valid_workers(self, original: Any, ts: Any) -> set | None:
+        """Dask's valid workers for ``ts`` (``original(ts)``), narrowed for GPU tasks to the
+        least backlog; the scheduler's ``valid_workers`` while placement is on.
 
         Backlog is the GPU work queued ahead of the task per device of a worker (0 while a
         device is free). Offering only the workers with the least of it, and letting Dask's
@@ -243,7 +244,7 @@ class Placement:
         (:meth:`_scan_least_backlog`) answers where it cannot (the least-backlog workers
         are not among the valid ones: other restrictions, paused workers).
         """
-        valid = type(self.scheduler).valid_workers(self.scheduler, ts)
+        valid = original(ts)
         restrictions = ts.resource_restrictions
         value = restrictions.get(GPU) if restrictions else None
         if not value or not valid or len(valid) == 1:
@@ -296,7 +297,7 @@ class Placement:
         self._sync_devices()
         scheduler = self.scheduler
         self._relevel_all()
-        stealing = scheduler.extensions.get("stealing")
+        stealing = _dask_internals.stealing_extension(scheduler)
         if stealing is None or not (self._overloaded or self._stranded):
             return
         incoming = self._follow_moves()
@@ -349,7 +350,7 @@ class Placement:
     def _move(self, stealing: Any, ts: Any, victim: Any, units: int, idle: dict) -> bool:
         """Ask Dask's stealing to move ``ts`` to the first idle worker that can run it now."""
         scheduler = self.scheduler
-        valid = type(scheduler).valid_workers(scheduler, ts)  # not narrowed
+        valid = _dask_internals.dask_valid_workers(scheduler, ts)  # not narrowed
         addr = victim.address
         thief = next(
             (
@@ -361,7 +362,7 @@ class Placement:
         )
         if thief is None:
             return False
-        stealing.move_task_request(ts, victim, scheduler.workers[thief])
+        _dask_internals.request_move(stealing, ts, victim, scheduler.workers[thief])
         self._moving.add(ts.key)
         idle[thief] -= units
         if idle[thief] <= 0:
@@ -405,7 +406,8 @@ class Placement:
         asked to move can have moved; without it, any GPU task may have.
         """
         tasks = self.scheduler.tasks
-        in_flight = self._stealing.in_flight if self._stealing is not None else None
+        stealing = self._stealing
+        in_flight = None if stealing is None else _dask_internals.moves_in_flight(stealing)
         keys = list(self._processing) if in_flight is None else list(self._moving)
         incoming: dict[str, int] = {}
         for key in keys:

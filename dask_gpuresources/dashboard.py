@@ -149,6 +149,8 @@ def install_page(scheduler: Any, plugin: Any) -> bool:
     from distributed.dashboard.scheduler import template_variables
     from tornado.ioloop import IOLoop
 
+    from . import _dask_internals
+
     variables = template_variables(scheduler)  # shared by every page: the navigation bar
     if PAGE not in variables["pages"]:
         variables["pages"].append(PAGE)
@@ -156,7 +158,7 @@ def install_page(scheduler: Any, plugin: Any) -> bool:
     app = make_application(
         scheduler,
         plugin,
-        prefix=getattr(dask_pages, "_prefix", "") or "",  # the scheduler's http_prefix
+        prefix=_dask_internals.dashboard_prefix(dask_pages),
         template_variables=variables,
     )
     scheduler.http_application.add_application(app)

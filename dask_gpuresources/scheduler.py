@@ -116,6 +116,11 @@ def _inert(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _is_gpu_task(ts: Any) -> bool:
+    restrictions = ts.resource_restrictions
+    return bool(restrictions and restrictions.get(GPU))
+
+
 class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlugin):
     """Scheduler plugin of dask_gpuresources (see the module docstring).
 
@@ -149,8 +154,8 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._restrand: set[str] = set()
         self._warned_shapes: set[str] = set()
         self._warned_empty = False
-        self._workers_to_close: Any = None  # the scheduler's own, while ours stands in
-        self._set_resources: Any = None  # the scheduler's set_resources handler, likewise
+        # what undoes each change start() made to the scheduler, in the order made
+        self._undos: list[Any] = []
         self._overloaded: set[str] = set()
         # placement's index: capacity units -> {free units -> workers}, each worker's place,
         # and the workers whose place is to be updated before the index answers
@@ -160,7 +165,6 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._rebalance_soon = False
         self._rebalancer: PeriodicCallback | None = None
         self._retired = False  # another instance took over (see SchedulerState)
-        self._placement = False
         self._stealing: Any = None
         # GPU tasks rebalance() asked Dask's stealing to move, until the move is settled
         self._moving: set[Hashable] = set()
@@ -193,9 +197,11 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             )
         self.scheduler = scheduler
         self._take_over(scheduler)
-        scheduler.handlers[HANDLER] = self.allocations_handler
-        scheduler.handlers[f"{HANDLER}_table"] = self.table_handler
-        scheduler.handlers[DEVICES_HANDLER] = self.devices_handler
+        undos = self._undos
+        for name, method in _HANDLER_METHODS.items():
+            undos.append(
+                _dask_internals.set_scheduler_handler(scheduler, name, getattr(self, method))
+            )
         from ._http import bokeh_pages, install_routes
 
         install_routes(scheduler, self)
@@ -214,42 +220,40 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._rebuild()
 
         if _config.get("gpuresources.scheduler.placement"):
-            # The scheduler looks this method up on the instance for every placement: GPU
-            # tasks are offered only the workers with the least device backlog, and Dask's
-            # own objective chooses among those.
-            scheduler.valid_workers = self._valid_workers
-            self._placement = True
-            stealing = scheduler.extensions.get("stealing")
+            # GPU tasks are offered only the workers with the least device backlog, and
+            # Dask's own objective chooses among those.
+            undos.append(
+                _dask_internals.wrap_scheduler_method(
+                    scheduler, "valid_workers", self._valid_workers
+                )
+            )
+            stealing = _dask_internals.stealing_extension(scheduler)
             if stealing is not None:
                 # Dask's stealing balances thread occupancy and does not see devices: it
                 # moves GPU tasks from a worker with 8 busy devices to one with 1 (and
                 # back). GPU tasks are balanced by rebalance() instead.
-                original = type(stealing).put_key_in_stealable
-
-                def put_key_in_stealable(ts: Any) -> None:
-                    restrictions = ts.resource_restrictions
-                    if not restrictions or not restrictions.get(GPU):
-                        original(stealing, ts)
-
-                stealing.put_key_in_stealable = put_key_in_stealable
+                undos.append(_dask_internals.keep_out_of_stealing(stealing, _is_gpu_task))
                 self._stealing = stealing
                 # GPU tasks made stealable before the plugin started are not any more: from
                 # here on, only rebalance() moves GPU tasks, and it knows which.
                 for key in list(self._processing):
                     ts = scheduler.tasks.get(key)
                     if ts is not None:
-                        stealing.remove_key_from_stealable(ts)
+                        _dask_internals.remove_from_stealing(stealing, ts)
         # Adaptive scale-down (and retire_workers(n=...)) asks the scheduler which workers
         # to close: never one that hosts a GPU actor, which would die with it.
-        self._workers_to_close = scheduler.workers_to_close
-        scheduler.workers_to_close = self.workers_to_close
-        if "workers_to_close" in scheduler.handlers:
-            scheduler.handlers["workers_to_close"] = self.workers_to_close
+        undos.append(
+            _dask_internals.wrap_scheduler_method(
+                scheduler, "workers_to_close", self.workers_to_close
+            )
+        )
         # A worker that sets its resources again (Worker.set_resources) changes its GPU
         # capacity: placement's index follows.
-        self._set_resources = scheduler.handlers.get("set_resources")
-        if self._set_resources is not None:
-            scheduler.handlers["set_resources"] = self.set_resources
+        undo = _dask_internals.wrap_scheduler_handler(
+            scheduler, "set_resources", self.set_resources
+        )
+        if undo is not None:
+            undos.append(undo)
         interval = parse_timedelta(
             _config.get("gpuresources.scheduler.rebalance-interval"), default="ms"
         )
@@ -345,25 +349,9 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._stop_callbacks()
         if self.scheduler is None:
             return
-        if self._placement and self.scheduler.__dict__.get("valid_workers") is not None:
-            del self.scheduler.valid_workers
-            self._placement = False
-        if self._stealing is not None:
-            self._stealing.__dict__.pop("put_key_in_stealable", None)
-            self._stealing = None
-        if self._workers_to_close is not None:
-            if self.scheduler.__dict__.get("workers_to_close") == self.workers_to_close:
-                del self.scheduler.workers_to_close
-            if self.scheduler.handlers.get("workers_to_close") == self.workers_to_close:
-                self.scheduler.handlers["workers_to_close"] = self._workers_to_close
-            self._workers_to_close = None
-        if self._set_resources is not None:
-            if self.scheduler.handlers.get("set_resources") == self.set_resources:
-                self.scheduler.handlers["set_resources"] = self._set_resources
-            self._set_resources = None
-        for name in (HANDLER, f"{HANDLER}_table", DEVICES_HANDLER):
-            if self.scheduler.handlers.get(name) == getattr(self, _HANDLER_METHODS[name]):
-                del self.scheduler.handlers[name]
+        while self._undos:  # the last change first: each undo finds what it installed
+            self._undos.pop()()
+        self._stealing = None
         if restore:
             for addr in list(self._refused):
                 self._restore_gpus(addr)
@@ -381,9 +369,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         if ws is None:
             return
         if GPU not in ws.resources and "gpu" in ws.resources:
-            scheduler.remove_resources(worker)
-            ws.resources[GPU] = ws.resources.pop("gpu")
-            scheduler.add_resources(worker)
+            _dask_internals.rename_worker_resource(scheduler, worker, "gpu", GPU)
         self._stale.add(worker)
         # Devices reported before the worker was added (a plugin set up before it
         # registered), or in the metrics it registered with.
@@ -392,19 +378,22 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         else:
             self._record_from_heartbeat(worker, ws)
 
-    def set_resources(self, worker: str, resources: dict | None = None) -> Any:
+    def set_resources(self, original: Any, **msg: Any) -> Any:
         """Dask's ``set_resources`` handler, then the worker's new capacity in placement."""
-        result = self._set_resources(worker=worker, resources=resources)
-        self._stale.add(worker)
+        result = original(**msg)
+        self._stale.add(msg["worker"])
         return result
 
-    def workers_to_close(self, *args: Any, attribute: str = "address", **kwargs: Any) -> list:
-        """Dask's choice of workers to close for scale-down, less those hosting GPU actors.
+    def workers_to_close(
+        self, original: Any, *args: Any, attribute: str = "address", **kwargs: Any
+    ) -> list:
+        """Dask's choice of workers to close for scale-down (``original``), less those
+        hosting GPU actors.
 
         Dask does not look at actors there, and an actor dies with its worker; a GPU actor
         holds its devices for its whole life, as in Ray, so its worker stays.
         """
-        chosen = self._workers_to_close(*args, attribute=attribute, **kwargs)
+        chosen = original(*args, attribute=attribute, **kwargs)
         hosts = {addr for addr, _ in self._actor_holds.values()}
         if not hosts:
             return chosen
@@ -454,7 +443,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
                     continue
                 restrictions = dict(restrictions)
                 restrictions[GPU] = restrictions.pop("gpu")
-                ts.resource_restrictions = restrictions
+                _dask_internals.set_task_restrictions(ts, restrictions)
             try:
                 amount, devices = gpu_request(restrictions[GPU])
             except InvalidRequestError as e:
@@ -466,7 +455,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             if restrictions[GPU] != exact:
                 # One representation end to end: what workers (and Dask's books) see is the
                 # amount the ledger will lease, a whole number of 1/10000 units.
-                ts.resource_restrictions = {**restrictions, GPU: exact}
+                _dask_internals.set_task_restrictions(ts, {**restrictions, GPU: exact})
             if largest is None:
                 largest = self._largest_worker()
             if largest[0] >= devices:
@@ -502,23 +491,18 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         # No worker offers infinite GPUs, so Dask sends the task to no-worker, where
         # transition() fails it with our error.
         self._rejected[ts.key] = error
-        ts.resource_restrictions = {**(ts.resource_restrictions or {}), GPU: math.inf}
+        _dask_internals.set_task_restrictions(
+            ts, {**(ts.resource_restrictions or {}), GPU: math.inf}
+        )
 
     def _fail_rejected(self, key: Hashable) -> None:
         error = self._rejected.pop(key, None)
         ts = self.scheduler.tasks.get(key)
         if error is None or ts is None or ts.state != "no-worker":
             return
-        stimulus_id = f"gpuresources-reject-{key}"
-        recommendations = self.scheduler.transition(
-            key,
-            "erred",
-            stimulus_id=stimulus_id,
-            exception=dumps(error),
-            cause=key,
-            exception_text=str(error),
+        _dask_internals.fail_task(
+            self.scheduler, key, error, stimulus_id=f"gpuresources-reject-{key}"
         )
-        self.scheduler.transitions(recommendations, stimulus_id)
 
     def log_event(self, topic: str, msg: Any) -> None:
         """Follow a move of Dask's work stealing the moment it is enacted."""

@@ -178,7 +178,13 @@ async def test_stealing_an_actor_logs_confirm_and_leaves_it_in_the_victims_actor
     # moved actor on its new worker itself (move_actor).
     from distributed import Event
 
-    from dask_gpuresources._dask_internals import move_actor, steal_confirmed
+    from dask_gpuresources._dask_internals import (
+        move_actor,
+        moves_in_flight,
+        request_move,
+        steal_confirmed,
+        stealing_extension,
+    )
 
     event = Event()
     blocker = c.submit(event.wait, 30, resources={"GPU": 1}, workers=[a.address], pure=False)
@@ -186,9 +192,13 @@ async def test_stealing_an_actor_logs_confirm_and_leaves_it_in_the_victims_actor
     while actor.key not in a.state.tasks or a.state.tasks[actor.key].state != "constrained":
         await asyncio.sleep(0.01)
     ts = s.tasks[actor.key]
-    s.extensions["stealing"].move_task_request(ts, s.workers[a.address], s.workers[b.address])
+    stealing = stealing_extension(s)
+    request_move(stealing, ts, s.workers[a.address], s.workers[b.address])
+    # followed until the victim answers (moves_in_flight)
+    assert moves_in_flight(stealing)[ts]["thief"] is s.workers[b.address]
     proxy = await asyncio.wait_for(actor, 30)
     assert await proxy.ping()
+    assert ts not in moves_in_flight(stealing)
     confirmed = [m for _, m in s.get_events("stealing") if steal_confirmed(m) == actor.key]
     assert len(confirmed) == 1
     assert ts in s.workers[a.address].actors and ts not in s.workers[b.address].actors
@@ -305,3 +315,301 @@ async def test_the_worker_runs_the_run_spec_it_finds_when_the_task_starts(c, s, 
     await event.set()
     assert await follower == 42
     assert await gate
+
+
+# -- the scheduler-side touch-points of _dask_internals ---------------------------------------
+
+
+async def _until(condition, what, timeout=20):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def _restricted(ts):
+    return bool(ts.resource_restrictions)
+
+
+@gen_cluster(client=True, nthreads=[("", 1), ("", 1)], worker_kwargs={"resources": {"GPU": 1}})
+async def test_the_scheduler_asks_its_instance_for_valid_workers(c, s, a, b):
+    # Why placement narrows the workers by wrapping valid_workers on the instance
+    # (wrap_scheduler_method), and reads Dask's own answer through dask_valid_workers.
+    from dask_gpuresources._dask_internals import dask_valid_workers, wrap_scheduler_method
+
+    asked = []
+
+    def only_b(original, ts):
+        asked.append(ts.key)
+        valid = original(ts)
+        return {s.workers[b.address]} if _restricted(ts) else valid
+
+    undo = wrap_scheduler_method(s, "valid_workers", only_b)
+    futures = [c.submit(lambda i: i, i, resources={"GPU": 1}) for i in range(4)]
+    who = await c.who_has(await c.gather(futures) and futures)
+    assert {w for ws in who.values() for w in ws} == {b.address}
+    assert {f.key for f in futures} <= set(asked)
+    ts = s.tasks[futures[0].key]
+    assert dask_valid_workers(s, ts) == {s.workers[a.address], s.workers[b.address]}
+    undo()
+    assert "valid_workers" not in s.__dict__
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3)
+async def test_workers_to_close_is_asked_on_the_instance_and_through_its_handler(c, s, a, b, w3):
+    # Why a GPU actor's worker survives scale-down: retire_workers(n=...) calls the
+    # instance's workers_to_close, and adaptive asks the RPC handler bound to it at start.
+    from dask_gpuresources._dask_internals import wrap_scheduler_method
+
+    original_handler = s.handlers["workers_to_close"]
+
+    def never_a(original, *args, **kwargs):
+        return [w for w in original(*args, **kwargs) if w != a.address]
+
+    undo = wrap_scheduler_method(s, "workers_to_close", never_a)
+    assert a.address not in s.workers_to_close(n=3)
+    assert a.address not in await c.scheduler.workers_to_close(n=3)
+    retired = await c.retire_workers(n=2, close_workers=False)
+    assert retired and a.address not in retired  # two chosen, less a if it was one
+    undo()
+    assert "workers_to_close" not in s.__dict__
+    assert s.handlers["workers_to_close"] == original_handler
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"resources": {"GPU": 2}})
+async def test_worker_set_resources_reaches_the_schedulers_set_resources_handler(c, s, a):
+    # Why placement learns of a runtime capacity change by wrapping that handler
+    # (wrap_scheduler_handler), which is Scheduler.add_resources.
+    from dask_gpuresources._dask_internals import wrap_scheduler_handler
+
+    seen = []
+
+    def seeing(original, **msg):
+        seen.append(msg)
+        return original(**msg)
+
+    undo = wrap_scheduler_handler(s, "set_resources", seeing)
+    await a.set_resources(GPU=3)
+    await _until(lambda: seen, "the set_resources message")
+    assert seen[0]["worker"] == a.address and seen[0]["resources"] == {"GPU": 3}
+    assert s.workers[a.address].resources == {"GPU": 3}
+    assert s.resources["GPU"][a.address] == 3
+    undo()
+    assert s.handlers["set_resources"] == s.add_resources
+    assert wrap_scheduler_handler(s, "no-such-handler", seeing) is None
+
+
+@gen_cluster(client=True, nthreads=[("", 1), ("", 1)], worker_kwargs={"resources": {"GPU": 1}})
+async def test_stealing_only_steals_what_put_key_in_stealable_puts_there(c, s, a, b):
+    # Why GPU tasks are kept out of occupancy stealing through put_key_in_stealable
+    # (keep_out_of_stealing), and taken out later by remove_from_stealing.
+    from distributed import Event
+
+    from dask_gpuresources._dask_internals import (
+        keep_out_of_stealing,
+        remove_from_stealing,
+        stealing_extension,
+    )
+
+    stealing = stealing_extension(s)
+    assert stealing is s.extensions["stealing"]
+    event = Event()
+    undo = keep_out_of_stealing(stealing, _restricted)
+    kept = c.submit(event.wait, 30, resources={"GPU": 1}, workers=[a.address], pure=False)
+    free = c.submit(event.wait, 30, workers=[a.address], pure=False)
+    await _until(
+        lambda: all(
+            s.tasks.get(f.key) and s.tasks[f.key].state == "processing" for f in (kept, free)
+        ),
+        "both tasks processing",
+    )
+    assert s.tasks[kept.key] not in stealing.key_stealable
+    ts = s.tasks[free.key]
+    assert ts in stealing.key_stealable
+    remove_from_stealing(stealing, ts)
+    assert ts not in stealing.key_stealable
+    undo()
+    assert "put_key_in_stealable" not in stealing.__dict__
+    await event.set()
+    await c.gather([kept, free])
+
+
+@gen_cluster(client=True, nthreads=[("", 2), ("", 2)], worker_kwargs={"resources": {"GPU": 1}})
+async def test_a_worker_given_no_capacity_is_not_chosen_and_released_tasks_are_placed_again(
+    c, s, a, b
+):
+    # Why refusing a worker's GPUs (overlap: raise) sets both books (set_worker_capacity)
+    # and sends its queued GPU tasks back (release_tasks): they land on the other worker.
+    from distributed import Event
+
+    from dask_gpuresources._dask_internals import release_tasks, set_worker_capacity
+
+    event = Event()
+    blockers = [
+        c.submit(event.wait, 30, resources={"GPU": 1}, workers=[w.address], pure=False)
+        for w in (a, b)
+    ]
+    await _until(lambda: len(a.state.executing) == len(b.state.executing) == 1, "both busy")
+    queued = c.submit(lambda: "ran", resources={"GPU": 1}, pure=False)
+    await _until(
+        lambda: queued.key in s.tasks and s.tasks[queued.key].processing_on is not None,
+        "the queued task",
+    )
+    victim = s.tasks[queued.key].processing_on.address
+    (other,) = {a.address, b.address} - {victim}
+    set_worker_capacity(s, victim, "GPU", 0)
+    assert s.workers[victim].resources["GPU"] == 0 and s.resources["GPU"][victim] == 0
+    release_tasks(s, [queued.key], stimulus_id="canary")
+    await _until(
+        lambda: (ws := s.tasks[queued.key].processing_on) is not None and ws.address == other,
+        "the task placed on the other worker",
+    )
+    await event.set()
+    assert await asyncio.wait_for(queued, 20) == "ran"
+    assert (await c.who_has([queued]))[queued.key] == (other,)
+    set_worker_capacity(s, victim, "GPU", 1)
+    await c.gather(blockers)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"resources": {"gpu": 2}})
+async def test_a_renamed_worker_resource_is_what_placement_sees(c, s, a):
+    # Why 'gpu' (from DASK_DISTRIBUTED__WORKER__RESOURCES__GPU) is renamed on the scheduler
+    # with remove_resources/add_resources (rename_worker_resource).
+    from dask_gpuresources._dask_internals import dask_valid_workers, rename_worker_resource
+
+    future = c.submit(lambda: 1, resources={"GPU": 1}, pure=False)
+    await _until(
+        lambda: future.key in s.tasks and s.tasks[future.key].state == "no-worker", "no-worker"
+    )
+    ts = s.tasks[future.key]
+    assert not dask_valid_workers(s, ts)
+    rename_worker_resource(s, a.address, "gpu", "GPU")
+    assert s.workers[a.address].resources == {"GPU": 2}
+    assert s.resources["GPU"] == {a.address: 2} and not s.resources.get("gpu")
+    assert dask_valid_workers(s, ts) == {s.workers[a.address]}
+    await c.cancel(future)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"resources": {"GPU": 1}})
+async def test_restrictions_set_in_update_graph_are_placed_by_and_fail_task_ends_the_wait(c, s, a):
+    # Why a rejected request is given an impossible restriction at submission
+    # (set_task_restrictions) and then failed with our error once it waits (fail_task).
+    from distributed import SchedulerPlugin
+
+    from dask_gpuresources._dask_internals import fail_task, set_task_restrictions
+
+    class Impossible(SchedulerPlugin):
+        def update_graph(self, scheduler, *, tasks, **kwargs):
+            for key in tasks:
+                set_task_restrictions(scheduler.tasks[key], {"GPU": float("inf")})
+
+    await c.register_plugin(Impossible(), name="canary-impossible")
+    future = c.submit(lambda: 1, resources={"GPU": 1}, pure=False)
+    await _until(
+        lambda: future.key in s.tasks and s.tasks[future.key].state == "no-worker", "no-worker"
+    )
+    fail_task(s, future.key, ValueError("canary says no"), stimulus_id="canary")
+    with pytest.raises(ValueError, match="canary says no"):
+        await asyncio.wait_for(future, 10)
+
+
+# -- the worker-side touch-points used outside _dask_internals --------------------------------
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_the_heartbeats_memory_is_the_monitors_get_process_memory(c, s, a):
+    # Why isolated children's memory is counted by replacing Worker.monitor's
+    # get_process_memory (count_in_process_memory): the scheduler's view comes from it.
+    from dask_gpuresources._dask_internals import count_in_process_memory
+
+    extra = 1 << 50  # a petabyte: no process measures that much by itself
+    undo = count_in_process_memory(a, lambda: extra)
+    assert a.monitor.get_process_memory() >= extra
+    a.monitor.update()  # what the monitor's periodic callback does
+    await a.heartbeat()
+    assert s.workers[a.address].memory.process >= extra
+    undo()
+    assert "get_process_memory" not in a.monitor.__dict__
+    assert a.monitor.get_process_memory() < extra
+
+
+def _secedes(event):
+    from distributed import secede
+
+    secede()
+    event.wait(30)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_a_seceded_task_leaves_executing_for_long_running(c, s, a):
+    # Why tasks running when the plugin installs are found in executing | long_running.
+    from distributed import Event
+
+    event = Event()
+    future = c.submit(_secedes, event, pure=False)
+    await _until(
+        lambda: a.state.tasks.get(future.key) in a.state.long_running, "the task in long_running"
+    )
+    assert a.state.tasks[future.key] not in a.state.executing
+    await event.set()
+    await future
+
+
+class _Made:
+    pass
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_an_actors_instance_reaches_the_state_machine_in_execute_success_event(c, s, a):
+    # Why admission watches an actor's instance from the ExecuteSuccessEvent of its key.
+    from distributed.worker_state_machine import ExecuteSuccessEvent
+
+    seen = []
+    handle = a.handle_stimulus
+
+    def watching(*stims):
+        seen.extend(s for s in stims if type(s) is ExecuteSuccessEvent)
+        return handle(*stims)
+
+    a.handle_stimulus = watching
+    try:
+        actor = await c.submit(_Made, actor=True)
+    finally:
+        del a.handle_stimulus
+    (event,) = [e for e in seen if e.key == actor.key]
+    assert event.value is a.state.actors[actor.key]
+
+
+async def _coroutine_task(event):
+    await event.wait(30)
+
+
+def _sync_task(event):
+    event.wait(30)
+
+
+@gen_cluster(client=True, nthreads=[("", 2)])
+async def test_a_coroutine_tasks_run_spec_says_is_coro(c, s, a):
+    # Why an isolated GPU task that is a coroutine function stays on the worker's loop: the
+    # worker's TaskState.run_spec tells (Task.is_coro).
+    from distributed import Event
+
+    event = Event()
+    futures = [c.submit(f, event, pure=False) for f in (_coroutine_task, _sync_task)]
+    await _until(lambda: all(f.key in a.state.tasks for f in futures), "both tasks")
+    assert [a.state.tasks[f.key].run_spec.is_coro for f in futures] == [True, False]
+    await event.set()
+    await c.gather(futures)
+
+
+@gen_cluster(client=True, nthreads=[], scheduler_kwargs={"dashboard": True, "http_prefix": "/x"})
+async def test_dask_pages_serve_under_the_schedulers_http_prefix(c, s):
+    # Why the GPU page is made with dashboard_prefix(dask's BokehTornado): Dask's own pages
+    # live under the scheduler's http_prefix.
+    pytest.importorskip("bokeh")
+    from dask_gpuresources._dask_internals import dashboard_prefix
+    from dask_gpuresources._http import bokeh_pages
+
+    pages = bokeh_pages(s)
+    assert pages is not None and pages in s.http_application.applications
+    assert dashboard_prefix(pages).strip("/") == "x"
