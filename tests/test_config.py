@@ -46,7 +46,8 @@ async def test_scheduler_plugin_starts_without_gpuresources_config(c, s, a):
     with gpuresources_config_removed():
         await c.register_plugin(GPUSchedulerPlugin())
         plugin = s.plugins["gpuresources"]
-        assert plugin._placement  # the default, placement: true
+        # the default, placement: true (placement wraps the scheduler's valid_workers)
+        assert "valid_workers" in vars(s)
         assert plugin._rebalancer is not None  # the default, rebalance-interval: 500ms
         assert await c.submit(lambda: 1, resources={"GPU": 1}) == 1
         assert a.address in plugin.table()
