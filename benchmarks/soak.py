@@ -23,10 +23,12 @@ and drives a seeded random mix at it:
 - the isolated actor's own process (facade actors, ``isolation="process"``): killed
   (``actor_kill_mid_call``) or its last handle dropped (``actor_drop_mid_call``) while a slow
   method (1.5-3 s) runs; killed (``actor_kill_constructing``) or dropped
-  (``actor_drop_constructing``) while its constructor runs (``--slow-ctor`` 8-10 s, longer
-  than the liveness bound); its idle child SIGKILLed from the driver (``actor_child_sigkill``:
-  the pid from a method's ``os.getpid()``, checked to be an isolated child of this soak), then
-  called once more and its handle kept a few seconds past the bound before it is dropped;
+  (``actor_drop_constructing``, with no call made on it: an actor dropped with calls
+  pending answers them first, as in Ray) while its constructor runs (``--slow-ctor`` 8-10 s,
+  longer than the liveness bound); its idle child SIGKILLed from the driver
+  (``actor_child_sigkill``: the pid from a method's ``os.getpid()``, checked to be an
+  isolated child of this soak), then called once more and its handle kept a few seconds past
+  the bound before it is dropped;
 - ``mem_task``: tasks asking for a non-GPU resource (``resources={"MEM": 1}``, workers
   declare ``MEM=--mem``), two thirds with no GPU and one third beside a GPU request;
 - ``fill``: a worker filled by actors with a larger request queued (two actors each asking
@@ -74,7 +76,9 @@ Checked at the end:
 - ``zombies``: dead holders, isolated facade actors the soak killed or dropped or whose
   child it SIGKILLed, that still hold their devices more than the bound later: listed in an
   allocation-table snapshot, or still ticking (a child the kill did not end, or one that
-  began constructing after it).
+  began constructing after it). A dropped actor is dead from the drop, or, when calls made
+  on it were not yet answered then, from the moment the last is answered (as in Ray, an
+  actor whose handles are gone answers its pending calls, then exits).
 
 The exit status is 1 when any of these five counts is not 0.
 
@@ -361,6 +365,9 @@ class _State:
     # holders the soak ended: isolated facade actors killed or dropped, or whose child it
     # SIGKILLed; key -> {"t", "hid", "why"}
     dead: dict = field(default_factory=dict)
+    # dropped isolated actors with calls not yet answered: key -> (calls, hid, why); dead
+    # (state.dead) from the moment the last of them is answered (see _end_actor)
+    dropping: dict = field(default_factory=dict)
     zombies: list = field(default_factory=list)  # dead holders still in the table
     zombie_keys: set = field(default_factory=set)
     # liveness: key -> first poll of the current run of polls in which it waited and fitted
@@ -536,6 +543,10 @@ def _table(state: _State, timeout: float) -> dict:
 
 def _check_zombies(state: _State, table: dict, now: float) -> None:
     """A holder the soak ended, still listed in the table more than the bound after."""
+    for key, (calls, hid, why) in list(state.dropping.items()):
+        if all(_done(c) for c in calls):
+            del state.dropping[key]
+            state.dead.setdefault(key, {"t": now, "hid": hid, "why": why})
     held = {k: (w, d) for w, devs in table.items() for d, h in devs.items() for k in h}
     for key, dead in list(state.dead.items()):
         if key in held and key not in state.zombie_keys and now - dead["t"] > state.bound:
@@ -869,8 +880,14 @@ def _end_actor(state: _State, hid: str, how: str) -> None:
         else:
             state.events.append({"t": now, "kind": how, "hid": hid})
         if op.mode == "process" and op.key and op.key not in state.dead:
-            # an isolated actor's child ends at once on kill, and once released on drop
-            state.dead[op.key] = {"t": now, "hid": hid, "why": how}
+            # An isolated actor's child ends at once on kill, and once released on drop.
+            # As in Ray, a dropped actor first answers the calls made on it (the handle's
+            # sending thread holds the handle until then): its death counts from the last.
+            pending = [] if kill else [c for c in a["calls"] if not _done(c)]
+            if pending:
+                state.dropping[op.key] = (pending, hid, how)
+            else:
+                state.dead[op.key] = {"t": now, "hid": hid, "why": how}
         # the handle goes; its calls stay in waiting until they resolve
         state.waiting = [(h, f) for h, f in state.waiting if h != hid]
         op.outcome = op.outcome or _status(a["handle"]._future)
@@ -1167,7 +1184,10 @@ def _actor_op(state: _State, op: _Op, rng: random.Random, push: Any) -> None:
         else:
             slow = 0.6 + rng.random() * 0.6
     mid_call = kind in ("actor_kill_mid_call", "actor_drop_mid_call", "actor_child_sigkill")
-    a = _make_actor(state, op, slow)
+    # No call before a drop during construction: as in Ray, an actor whose last handle is
+    # dropped still answers the calls made on it first (the handle's sending thread holds
+    # the handle until they are answered), so it would live out its constructor and the call.
+    a = _make_actor(state, op, slow, ping=kind != "actor_drop_constructing")
     state.actors[hid] = a
     state.waiting.append((hid, a["handle"]._future if "handle" in a else a["future"]))
     for c in a["calls"]:
@@ -1181,6 +1201,7 @@ def _actor_op(state: _State, op: _Op, rng: random.Random, push: Any) -> None:
                 return
             seconds = 1.5 + rng.random() * 1.5
             call = state.actors[hid]["handle"].work.remote(state.sink, hid, seconds)
+            state.actors[hid]["calls"].append(call)
             state.waiting.append((f"{hid}.call", call))
             push(0.2 + rng.random() * 0.4, lambda: _end_actor(state, hid, how[kind]))
 
