@@ -1184,6 +1184,9 @@ def _actor_op(state: _State, op: _Op, rng: random.Random, push: Any) -> None:
         else:
             slow = 0.6 + rng.random() * 0.6
     mid_call = kind in ("actor_kill_mid_call", "actor_drop_mid_call", "actor_child_sigkill")
+    # What runs later, when the actor answers, draws from a generator of its own, seeded now:
+    # the seeded mix of the run must not depend on when actors happen to answer.
+    later = random.Random(rng.random())
     # No call before a drop during construction: as in Ray, an actor whose last handle is
     # dropped still answers the calls made on it first (the handle's sending thread holds
     # the handle until they are answered), so it would live out its constructor and the call.
@@ -1197,13 +1200,13 @@ def _actor_op(state: _State, op: _Op, rng: random.Random, push: Any) -> None:
 
         def ready(value: Any) -> None:
             if kind == "actor_child_sigkill":
-                _sigkill_child(state, hid, value, push, rng)
+                _sigkill_child(state, hid, value, push, later)
                 return
-            seconds = 1.5 + rng.random() * 1.5
+            seconds = 1.5 + later.random() * 1.5
             call = state.actors[hid]["handle"].work.remote(state.sink, hid, seconds)
             state.actors[hid]["calls"].append(call)
             state.waiting.append((f"{hid}.call", call))
-            push(0.2 + rng.random() * 0.4, lambda: _end_actor(state, hid, how[kind]))
+            push(0.2 + later.random() * 0.4, lambda: _end_actor(state, hid, how[kind]))
 
         deadline = time.time() + 30.0
         push(0.05, lambda: _after_ready(state, hid, a["calls"][0], ready, deadline, push))
