@@ -37,6 +37,10 @@ __all__ = [
     "move_actor",
     "moves_in_flight",
     "register_event_handler",
+    "replace_worker_method",
+    "set_state_class",
+    "set_worker_executor",
+    "set_worker_metric",
     "release_actor_proxy",
     "release_tasks",
     "remove_from_stealing",
@@ -230,6 +234,57 @@ def count_in_process_memory(worker: object, extra: Callable[[], int]) -> Callabl
     def undo() -> None:
         if monitor.__dict__.get("get_process_memory") is get_process_memory:
             del monitor.get_process_memory
+
+    return undo
+
+
+def set_state_class(state: object, cls: type) -> None:
+    """Make the worker's ``WorkerState`` an instance of ``cls`` (a subclass of its class that
+    overrides the private methods admission decides in; see ``_admission``)."""
+    if not (issubclass(cls, type(state)) or issubclass(type(state), cls)):
+        raise TypeError(f"{cls.__name__} does not extend {type(state).__name__}")
+    state.__class__ = cls
+
+
+def set_worker_metric(
+    worker: object, name: str, metric: Callable[[Any], Any]
+) -> Callable[[], None]:
+    """Send ``metric(worker)`` with every heartbeat as ``metrics[name]`` (the scheduler reads
+    it as ``WorkerState.metrics[name]``). Returns a function that undoes it."""
+    metrics = worker.metrics  # type: ignore[attr-defined]
+    metrics[name] = metric
+
+    def undo() -> None:
+        if metrics.get(name) is metric:
+            del metrics[name]
+
+    return undo
+
+
+def set_worker_executor(worker: object, name: str, executor: object) -> Callable[[], None]:
+    """Offer ``executor`` to tasks annotated ``executor=name`` (``Worker.executors``).
+    Returns a function that undoes it."""
+    executors = worker.executors  # type: ignore[attr-defined]
+    executors[name] = executor
+
+    def undo() -> None:
+        if executors.get(name) is executor:
+            del executors[name]
+
+    return undo
+
+
+def replace_worker_method(
+    worker: object, name: str, replacement: Callable[..., Any]
+) -> Callable[[], None]:
+    """Make ``worker.<name>`` call ``replacement`` (an instance attribute stands in for the
+    class's method; Dask calls ``Worker.set_resources`` through the instance). Returns a
+    function that undoes it, unless someone replaced it again since."""
+    worker.__dict__[name] = replacement  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        if worker.__dict__.get(name) is replacement:  # type: ignore[attr-defined]
+            del worker.__dict__[name]  # type: ignore[attr-defined]
 
     return undo
 
@@ -537,6 +592,12 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "distributed.worker_state_machine",
+        "WorkerState",
+        "the worker's state machine becomes an instance of a subclass of its own class "
+        "(set_state_class), whose private methods admission overrides",
+    ),
+    (
+        "distributed.worker_state_machine",
         "WorkerState._resource_restrictions_satisfied",
         "per-device admission: a GPU task starts only when the ledger can place it",
     ),
@@ -647,7 +708,7 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.worker",
         "Worker.set_resources",
-        "a runtime GPU count change resizes the ledger",
+        "a runtime GPU count change resizes the ledger (replace_worker_method)",
     ),
     (
         "distributed.worker",
@@ -657,7 +718,7 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.worker",
         "Worker.metrics",
-        "leases travel to the scheduler with the heartbeat",
+        "leases travel to the scheduler with the heartbeat (set_worker_metric)",
     ),
     (
         "distributed.worker",
@@ -667,7 +728,7 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     (
         "distributed.worker",
         "Worker.executors",
-        "isolated GPU tasks run on the executor the worker plugin adds here",
+        "isolated GPU tasks run on the executor the worker plugin adds here (set_worker_executor)",
     ),
     (
         "distributed.worker",

@@ -137,6 +137,8 @@ class WorkerDevices:
         self._book_used: Fraction | int = 0
         self._original_state_class: type[WorkerState] | None = None
         self._original_set_resources: Any = None
+        #: what undoes each change made to the worker at install, newest last (see close)
+        self._undo: list[Any] = []
         self._processes: dict[int, psutil.Process] = {}  # isolated children, by pid
         self._undo_memory: Any = None
         self.closed = False
@@ -170,18 +172,20 @@ class WorkerDevices:
         self._count = count
 
         self._original_state_class = type(state)
-        state.__class__ = admission_class(type(state), self)
+        _dask_internals.set_state_class(state, admission_class(type(state), self))
         self._lease_running_tasks(state)
         self._setup_isolation(worker)
         # Isolated children's memory is the worker's: heartbeats, the dashboard and Dask's
         # pause and spill thresholds count it.
         self._undo_memory = _dask_internals.count_in_process_memory(worker, self.children_memory)
         _dask_internals.set_worker_extension(worker, PLUGIN_NAME, self)
-        worker.metrics[PLUGIN_NAME] = self._heartbeat
+        self._undo += [_dask_internals.set_worker_metric(worker, PLUGIN_NAME, self._heartbeat)]
         _dask_internals.set_worker_handler(worker, PLUGIN_NAME, self.snapshot)
         # Runtime Worker.set_resources(GPU=n) resizes the ledger (or is refused).
         self._original_set_resources = worker.set_resources
-        worker.set_resources = self._set_resources
+        self._undo += [
+            _dask_internals.replace_worker_method(worker, "set_resources", self._set_resources)
+        ]
         if count:
             logger.info(
                 "Worker %s hands out %d GPU(s): %s", worker.address, count, ",".join(tokens)
@@ -225,16 +229,13 @@ class WorkerDevices:
         for key in list(self.finalizers):
             self._finalize(key)
         worker = self.worker
-        worker.metrics.pop(PLUGIN_NAME, None)
+        while self._undo:
+            self._undo.pop()()
         _dask_internals.set_worker_handler(worker, PLUGIN_NAME, None)
         if self._undo_memory is not None:
             self._undo_memory()
             self._undo_memory = None
-        if self._original_set_resources is not None:
-            worker.__dict__.pop("set_resources", None)
         if self.executor is not None:
-            if worker.executors.get(EXECUTOR_NAME) is self.executor:
-                del worker.executors[EXECUTOR_NAME]
             self.executor.shutdown(wait=False)
             self.executor = None
 
@@ -265,7 +266,7 @@ class WorkerDevices:
                 _config.get("gpuresources.isolation.kill-grace-period"), default="s"
             ),
         )
-        worker.executors[EXECUTOR_NAME] = self.executor
+        self._undo += [_dask_internals.set_worker_executor(worker, EXECUTOR_NAME, self.executor)]
 
     def _resolve_devices(self, declared: float | None) -> tuple[int, list[str], dict[str, int]]:
         visible = visible_devices()
@@ -532,7 +533,7 @@ class WorkerDevices:
         queue = self.queue
         if not queue.active:
             queue.activate(state.constrained.sorted(), time())
-        fits = state._resource_restrictions_satisfied
+        fits = state.fits
         # Tasks with the head's restrictions do not fit either; the first fitting task of
         # the other groups is the first fitting task behind the head.
         return queue.first(

@@ -613,3 +613,77 @@ async def test_dask_pages_serve_under_the_schedulers_http_prefix(c, s):
     pages = bokeh_pages(s)
     assert pages is not None and pages in s.http_application.applications
     assert dashboard_prefix(pages).strip("/") == "x"
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], worker_kwargs={"resources": {"A": 1}})
+async def test_a_workers_state_machine_runs_as_a_subclass_that_decides_admission(c, s, a):
+    # Why admission can be a subclass swapped in at install (set_state_class): the worker
+    # asks its state machine, through the instance, whether a restricted task may start.
+    from dask_gpuresources._dask_internals import set_state_class
+
+    asked = []
+
+    class Asked(type(a.state)):
+        __slots__ = ()
+
+        def _resource_restrictions_satisfied(self, ts):
+            asked.append(ts.key)
+            return super()._resource_restrictions_satisfied(ts)
+
+    original = type(a.state)
+    set_state_class(a.state, Asked)
+    try:
+        assert await c.submit(lambda: 1, key="restricted", resources={"A": 1}) == 1
+        assert "restricted" in asked
+    finally:
+        set_state_class(a.state, original)
+    with pytest.raises(TypeError, match="does not extend"):
+        set_state_class(a.state, type("Other", (), {}))
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_worker_metrics_executors_and_methods_can_be_added_and_undone(c, s, a):
+    # Why the heartbeat carries our metric (set_worker_metric), an annotated task runs on our
+    # executor (set_worker_executor) and Worker.set_resources can be wrapped through the
+    # instance (replace_worker_method), each undone at close.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+
+    from dask_gpuresources._dask_internals import (
+        replace_worker_method,
+        set_worker_executor,
+        set_worker_metric,
+    )
+
+    undo_metric = set_worker_metric(a, "canary", lambda worker: worker.address)
+    await a.heartbeat()
+    assert s.workers[a.address].metrics["canary"] == a.address
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="canary-pool")
+    undo_executor = set_worker_executor(a, "canary", pool)
+    import threading
+
+    with dask.annotate(executor="canary"):
+        name = await c.submit(lambda: threading.current_thread().name, pure=False)
+    assert name.startswith("canary-pool")
+
+    called = []
+    original = a.set_resources
+
+    async def set_resources(**resources):
+        called.append(resources)
+        return await original(**resources)
+
+    undo_method = replace_worker_method(a, "set_resources", set_resources)
+    await a.set_resources(X=1)
+    assert called == [{"X": 1}]
+    assert s.workers[a.address].resources.get("X") == 1
+
+    for undo in (undo_metric, undo_executor, undo_method):
+        undo()
+    await a.heartbeat()
+    assert "canary" not in s.workers[a.address].metrics
+    assert "canary" not in a.executors
+    assert "set_resources" not in vars(a)
+    pool.shutdown()
