@@ -136,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             __import__(module)
         except Exception as err:  # a preload is an optimisation, never a reason to fail
             print(f"dask_gpuresources child: could not preload {module}: {err}", file=sys.stderr)
-    send(sock, dumps(("ready", os.getpid())))
+    try:
+        send(sock, dumps(("ready", os.getpid())))
+    except OSError:  # the worker let go of this child (or died) while it started
+        return
 
     instance: Any = None  # the actor this child hosts, if it hosts one
     home: Any = None  # that actor's context, current between its method calls

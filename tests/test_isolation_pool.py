@@ -228,3 +228,16 @@ class Spec:
 
     def __call__(self, data):
         return self.fn()
+
+
+def test_a_child_let_go_of_while_starting_leaves_quietly(capfd):
+    # A worker SIGKILLed while its children start (the soak's worker kills) used to leave one
+    # BrokenPipeError traceback per child on the worker's stderr.
+    from dask_gpuresources._isolation import _Child
+
+    children = [_Child(("0",), preload=()) for _ in range(3)]
+    for child in children:
+        child.sock.close()  # before the child says it is ready
+    for child in children:
+        assert child.proc.wait(timeout=30) == 0
+    assert "Traceback" not in capfd.readouterr().err
