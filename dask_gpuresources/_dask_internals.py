@@ -251,25 +251,23 @@ def set_worker_metric(
 ) -> Callable[[], None]:
     """Send ``metric(worker)`` with every heartbeat as ``metrics[name]`` (the scheduler reads
     it as ``WorkerState.metrics[name]``). Returns a function that undoes it."""
-    metrics = worker.metrics  # type: ignore[attr-defined]
-    metrics[name] = metric
-
-    def undo() -> None:
-        if metrics.get(name) is metric:
-            del metrics[name]
-
-    return undo
+    return _put(worker.metrics, name, metric)  # type: ignore[attr-defined]
 
 
 def set_worker_executor(worker: object, name: str, executor: object) -> Callable[[], None]:
     """Offer ``executor`` to tasks annotated ``executor=name`` (``Worker.executors``).
     Returns a function that undoes it."""
-    executors = worker.executors  # type: ignore[attr-defined]
-    executors[name] = executor
+    return _put(worker.executors, name, executor)  # type: ignore[attr-defined]
+
+
+def _put(mapping: dict, name: str, value: object) -> Callable[[], None]:
+    """``mapping[name] = value``, and a function that takes it out again unless someone
+    replaced it since."""
+    mapping[name] = value
 
     def undo() -> None:
-        if executors.get(name) is executor:
-            del executors[name]
+        if mapping.get(name) is value:
+            del mapping[name]
 
     return undo
 

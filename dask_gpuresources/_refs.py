@@ -107,14 +107,23 @@ def unwrap(value: Any) -> Any:
 def waits(value: Any) -> bool:
     """Whether ``value`` holds a ref that a task cannot depend on yet: an actor call not yet
     answered, or a call still waiting to be sent (see :meth:`Batcher.add_when_ready`)."""
+    return _any_ref(value, _unsent)
+
+
+def _unsent(ref: ObjectRef) -> bool:
+    if ref._sent is not None:
+        return not ref._sent.is_set()
+    return not isinstance(ref._future, Future) and not ref._future.done()
+
+
+def _any_ref(value: Any, test: Callable[[ObjectRef], bool]) -> bool:
+    """Whether ``test`` holds for a ref in ``value``, in the nestings :func:`unwrap` follows."""
     if isinstance(value, ObjectRef):
-        if value._sent is not None:
-            return not value._sent.is_set()
-        return not isinstance(value._future, Future) and not value._future.done()
+        return test(value)
     if type(value) in (list, tuple, set, frozenset):
-        return any(waits(v) for v in value)
+        return any(_any_ref(v, test) for v in value)
     if type(value) is dict:
-        return any(waits(v) for v in value.values())
+        return any(_any_ref(v, test) for v in value.values())
     return False
 
 
@@ -135,13 +144,11 @@ def _wait_for(value: Any) -> None:
 
 def has_refs(value: Any) -> bool:
     """Whether ``value`` holds an ObjectRef, in the nestings :func:`unwrap` follows."""
-    if isinstance(value, ObjectRef):
-        return True
-    if type(value) in (list, tuple, set, frozenset):
-        return any(has_refs(v) for v in value)
-    if type(value) is dict:
-        return any(has_refs(v) for v in value.values())
-    return False
+    return _any_ref(value, _always)
+
+
+def _always(ref: ObjectRef) -> bool:
+    return True
 
 
 def dumps(value: Any) -> bytes:

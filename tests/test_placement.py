@@ -4,6 +4,7 @@ public API."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import dask
@@ -35,18 +36,28 @@ def _wait_until(predicate, timeout=TIMEOUT):
         time.sleep(0.05)
 
 
-@pytest.fixture
-def two_workers_of_five():
-    # Both workers declare GPU=5 on one host: the overlap warning is not what is tested.
+@contextlib.contextmanager
+def _two_workers(gpus, threads):
+    """Two Nanny workers declaring ``GPU=gpus`` each, plugins installed. Both are on one
+    host and hand out the same devices: the overlap warning is not what is tested."""
     with dask.config.set({"gpuresources.scheduler.overlap": "ignore"}):
         with (
             LocalCluster(
-                n_workers=2, threads_per_worker=8, resources={"GPU": 5}, dashboard_address=":0"
+                n_workers=2,
+                threads_per_worker=threads,
+                resources={"GPU": gpus},
+                dashboard_address=":0",
             ) as cluster,
             Client(cluster) as client,
         ):
             gr.install(client)
-            yield client
+            yield cluster, client
+
+
+@pytest.fixture
+def two_workers_of_five():
+    with _two_workers(5, 8) as (_, client):
+        yield client
 
 
 def _holders(client, futures):
@@ -101,33 +112,26 @@ def _ids():
 def test_the_scheduler_plugin_registered_again_keeps_the_actors_holds(name):
     from dask_gpuresources.scheduler import GPUSchedulerPlugin
 
-    with dask.config.set({"gpuresources.scheduler.overlap": "ignore"}):
-        with (
-            LocalCluster(
-                n_workers=2, threads_per_worker=4, resources={"GPU": 1}, dashboard_address=":0"
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            gr.install(client)
-            actor = client.submit(Holder, actor=True, resources={"GPU": 1}, pure=False)
-            wait(actor, timeout=TIMEOUT)
-            again = GPUSchedulerPlugin()
-            if name is None:
-                # Under its own name Dask replaces it (and warns that it does).
-                again.idempotent = False
-                with pytest.warns(UserWarning, match="already contains a plugin"):
-                    client.register_plugin(again)
-            else:
-                client.register_plugin(again, name=name)
-            plugins = [
-                p for p in cluster.scheduler.plugins.values() if isinstance(p, GPUSchedulerPlugin)
-            ]
-            newest = cluster.scheduler.plugins[name or "gpuresources"]  # a copy of `again`
-            assert [p for p in plugins if p._rebalancer is not None] == [newest]
-            # One device is held by the actor: both tasks run on the other one, in turn
-            # (before, the new instance saw two free devices and sent one task to wait
-            # beside the actor for good).
-            tasks = [client.submit(_ids, resources={"GPU": 1}, pure=False) for _ in range(2)]
-            wait(tasks, timeout=TIMEOUT)
-            held = client.who_has(actor)[actor.key][0]
-            assert held not in {client.who_has(t)[t.key][0] for t in tasks}
+    with _two_workers(1, 4) as (cluster, client):
+        actor = client.submit(Holder, actor=True, resources={"GPU": 1}, pure=False)
+        wait(actor, timeout=TIMEOUT)
+        again = GPUSchedulerPlugin()
+        if name is None:
+            # Under its own name Dask replaces it (and warns that it does).
+            again.idempotent = False
+            with pytest.warns(UserWarning, match="already contains a plugin"):
+                client.register_plugin(again)
+        else:
+            client.register_plugin(again, name=name)
+        plugins = [
+            p for p in cluster.scheduler.plugins.values() if isinstance(p, GPUSchedulerPlugin)
+        ]
+        newest = cluster.scheduler.plugins[name or "gpuresources"]  # a copy of `again`
+        assert [p for p in plugins if p._rebalancer is not None] == [newest]
+        # One device is held by the actor: both tasks run on the other one, in turn
+        # (before, the new instance saw two free devices and sent one task to wait
+        # beside the actor for good).
+        tasks = [client.submit(_ids, resources={"GPU": 1}, pure=False) for _ in range(2)]
+        wait(tasks, timeout=TIMEOUT)
+        held = client.who_has(actor)[actor.key][0]
+        assert held not in {client.who_has(t)[t.key][0] for t in tasks}
