@@ -87,6 +87,18 @@ class Placement:
             self._restrand.add(addr)
         self._exit_processing(addr, units)
 
+    def hold_ended_handler(self, key: Any, worker: str) -> None:
+        """Worker ``worker`` says the hold of its live actor ``key`` ended (its isolated
+        child died): its devices are free there now, though the actor's key stays in memory
+        until it is released, and placement counts them free again at once."""
+        if isinstance(key, list):  # a tuple key, as the RPC's msgpack sends it
+            key = tuple(key)
+        record = self._actor_holds.get(key)
+        if record is None or record[0] != worker or self._retired:
+            return
+        self._ended_holds.add(key)
+        self._unhold(key)
+
     def _restrand_marked(self) -> None:
         """Re-examine which GPU requests of the marked workers are stranded."""
         restrand = self._restrand

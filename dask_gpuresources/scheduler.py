@@ -54,6 +54,7 @@ from .worker import GPUWorkerPlugin
 __all__ = [
     "DEVICES_HANDLER",
     "HANDLER",
+    "HOLD_ENDED_HANDLER",
     "GPUSchedulerPlugin",
     "Overlap",
     "SchedulerState",
@@ -68,12 +69,16 @@ logger = logging.getLogger("distributed.gpuresources")
 HANDLER = "gpuresources_allocations"
 #: Name of the scheduler handler through which a worker reports its devices.
 DEVICES_HANDLER = "gpuresources_devices"
+#: Name of the scheduler handler through which a worker reports that a live actor's hold
+#: ended without its key being released (its isolated child process died).
+HOLD_ENDED_HANDLER = "gpuresources_hold_ended"
 
 
 _HANDLER_METHODS = {
     HANDLER: "allocations_handler",
     f"{HANDLER}_table": "table_handler",
     DEVICES_HANDLER: "devices_handler",
+    HOLD_ENDED_HANDLER: "hold_ended_handler",
 }
 
 
@@ -90,6 +95,7 @@ _ADOPTED = (
     "_warned_hosts",
     "_refused",
     "_warned_shapes",
+    "_ended_holds",
 )
 
 
@@ -147,6 +153,9 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         self._rejected: dict[Hashable, Exception] = {}
         # actor key -> (worker address, units): GPU actors hold their devices for life
         self._actor_holds: dict[Hashable, tuple[str, int]] = {}
+        #: live actors whose worker reported their hold ended (a dead isolated child): the
+        #: scheduler's tasks still show them, so a rebuild must not count them again
+        self._ended_holds: set[Hashable] = set()
         self._held: dict[str, int] = {}  # worker -> units its actors hold
         # worker -> {key: units} of GPU requests there that its actors leave too little
         # room to start; and the workers whose holds changed, to be re-examined
@@ -305,7 +314,7 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
         for key, ts in scheduler.tasks.items():
             if ts.state == "processing":
                 processing.append(ts)
-            elif ts.actor and ts.state == "memory" and ts.who_has:
+            elif ts.actor and ts.state == "memory" and ts.who_has and key not in self._ended_holds:
                 restrictions = ts.resource_restrictions
                 value = restrictions.get(GPU) if restrictions else None
                 if value:
@@ -539,6 +548,8 @@ class GPUSchedulerPlugin(AllocationTable, Placement, OverlapChecks, SchedulerPlu
             if self._actor_holds and key in self._actor_holds:
                 # the actor was released, killed, or lost with its worker
                 self._unhold(key)
+            elif self._ended_holds:
+                self._ended_holds.discard(key)
         if self._rejected:
             if finish == "no-worker" and key in self._rejected:
                 self.scheduler.loop.add_callback(self._fail_rejected, key)

@@ -415,10 +415,20 @@ class WorkerDevices:
         on the event loop. (Its calls fail with ActorDiedError; its handle may live on.)"""
         if self.actor_holds.pop(key, None) is not None:
             self._drained(key)
+            # The scheduler counts an actor's devices held until its key is released, which
+            # may be never while a handle lives: tell it they are free.
+            self.worker.loop.add_callback(self._report_hold_ended, key)
         elif key in self.ledger:
             # Constructed, but Dask has not yet finished the creation task: the hold that
             # would begin then must not (see release).
             self._died_early.add(key)
+
+    async def _report_hold_ended(self, key: Hashable) -> None:
+        worker = self.worker
+        try:
+            await worker.scheduler.gpuresources_hold_ended(key=key, worker=worker.address)
+        except Exception as err:  # a scheduler without the plugin, or one going away
+            logger.debug("Could not report the end of actor %r's hold: %s", key, err)
 
     def on_actor_release(self, key: Hashable, finalizer: Any) -> None:
         """Call ``finalizer()`` when the actor ``key`` goes away (released, killed, lost).

@@ -135,3 +135,66 @@ def test_the_scheduler_plugin_registered_again_keeps_the_actors_holds(name):
         wait(tasks, timeout=TIMEOUT)
         held = client.who_has(actor)[actor.key][0]
         assert held not in {client.who_has(t)[t.key][0] for t in tasks}
+
+
+@gr.remote(num_gpus=1)  # isolated: the actor lives in a child process of its worker
+class _Isolated:
+    def pid(self):
+        import os
+
+        return os.getpid()
+
+
+def _no_actor_hold_counted(dask_scheduler):
+    return not dask_scheduler.plugins["gpuresources"]._actor_holds
+
+
+def _where():
+    from distributed import get_worker
+
+    time.sleep(0.3)
+    return get_worker().address
+
+
+def test_a_dead_actor_childs_devices_count_free_in_placement_at_once():
+    # The worker ends the hold of an isolated actor whose child died, but the actor's key
+    # stays in memory while its handle lives: before, the scheduler went on counting the
+    # device held, so every GPU task went to the other worker while this one sat idle.
+    import os
+    import signal
+
+    from dask_gpuresources.exceptions import ActorDiedError
+
+    with _two_workers(1, 2) as (cluster, client):
+        gr.init(address=cluster.scheduler_address)
+        try:
+            actor = _Isolated.remote()
+            pid = gr.get(actor.pid.remote(), timeout=TIMEOUT)
+            os.kill(pid, signal.SIGKILL)
+
+            def dead():
+                try:
+                    gr.get(actor.pid.remote(), timeout=TIMEOUT)
+                except ActorDiedError:
+                    return True
+                return False
+
+            _wait_until(dead)
+            _wait_until(
+                lambda: (
+                    not any(
+                        holders
+                        for devices in gr.allocations(client).values()
+                        for holders in devices.values()
+                    )
+                )
+            )
+            # the worker's report has reached the scheduler: no actor hold is counted there
+            _wait_until(
+                lambda: client.run_on_scheduler(_no_actor_hold_counted),
+                timeout=10,
+            )
+            futures = [client.submit(_where, resources={"GPU": 1}, pure=False) for _ in range(8)]
+            assert set(client.gather(futures)) == set(cluster.scheduler.workers)
+        finally:
+            gr.shutdown()
