@@ -71,12 +71,19 @@ def current() -> TaskContext | None:
 
 
 _cluster: dict[str, Any] | None = None
+_in_child = False
 
 
 def set_cluster(info: dict[str, Any] | None) -> None:
     """In an isolated child: how to reach the worker's cluster (scheduler address, TLS)."""
-    global _cluster
+    global _cluster, _in_child
     _cluster = info
+    _in_child = True
+
+
+def in_child() -> bool:
+    """Whether this process is an isolated child of a worker."""
+    return _in_child
 
 
 def cluster() -> dict[str, Any] | None:

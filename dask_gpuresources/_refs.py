@@ -349,7 +349,7 @@ def _in_event_loop() -> bool:
 def put(value: Any) -> ObjectRef:
     """Store ``value`` in the cluster's memory; returns a ref to pass to remote calls."""
     _runtime.flush()
-    (future,) = _runtime.client().scatter([value], hash=False)
+    (future,) = _runtime.client(implicit=True).scatter([value], hash=False)
     return ObjectRef(future, future.key)
 
 

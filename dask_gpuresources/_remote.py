@@ -192,7 +192,7 @@ class RemoteFunction:
 
     def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
         """Submit one call; returns its :class:`ObjectRef` at once."""
-        _runtime.client()  # raises when init() was not called
+        _runtime.client(implicit=True)  # init()'s local cluster if none was started
         opts = self._opts
         key = _key(opts.name or self._function.__name__)
         _check_feasible(key, opts)
@@ -232,7 +232,7 @@ class ActorClass:
         """Create an actor; it holds its GPUs from construction until it goes away."""
         from ._actors import ActorHost
 
-        client = _runtime.client()
+        client = _runtime.client(implicit=True)
         opts = self._opts
         key = _key(opts.name or self._cls.__name__)
         _check_feasible(key, opts)

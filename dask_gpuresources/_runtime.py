@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import distributed
 from distributed import Client, SpecCluster
 
-from . import _local_cluster
+from . import _context, _local_cluster
 
 if TYPE_CHECKING:
     from ._refs import Batcher
@@ -47,6 +48,8 @@ class Runtime:
     dashboard: bool = True
     #: the one ordered sender of .remote() calls, made on first use (_refs.sender)
     batcher: Batcher | None = None
+    #: started by the first .remote() or put(), not by init()
+    implicit: bool = False
 
 
 #: This process's session, or None before init() and after shutdown().
@@ -136,6 +139,13 @@ def init(
     if current is not None:
         if ignore_reinit_error:
             return _info(current)
+        if current.implicit:
+            raise RuntimeError(
+                "a cluster is already running: the first .remote() or put() started one "
+                f"(at {current.client.scheduler.address}) because init() had not been called; "
+                "call init() before anything else, call shutdown() first, or pass "
+                "ignore_reinit_error=True to reuse it"
+            )
         raise RuntimeError(
             "init() was already called in this process; call shutdown() first, or pass "
             "ignore_reinit_error=True to reuse the current cluster"
@@ -223,15 +233,38 @@ def is_initialized() -> bool:
     return current is not None
 
 
-def client() -> Client:
+def client(*, implicit: bool = False) -> Client:
+    """The session's client. With ``implicit`` (the first ``.remote()`` or ``put()``), a
+    driver that never called :func:`init` gets ``init()``'s local cluster, as Ray does."""
     if current is None and _worker_runtime() is not None:
         return current.client
+    if current is None and implicit and not _context.in_child():
+        _init_implicitly()
     if current is None:
         raise RuntimeError(
             "dask_gpuresources is not initialised: call init(num_gpus=4) for a local cluster "
             "or init(address='tcp://scheduler:8786') first"
         )
     return current.client
+
+
+_implicit_lock = threading.Lock()
+
+
+def _init_implicitly() -> None:
+    with _implicit_lock:
+        if current is not None:
+            return
+        info = init()
+        current.implicit = True
+        # A warning, not info: the local cluster silences the driver's Dask logs below it,
+        # and this line is the only sign that a cluster was chosen for the script.
+        logging.getLogger("distributed.gpuresources").warning(
+            "Started a local cluster with %g GPU(s) at %s (init() was not called; call it "
+            "first to choose: init(num_gpus=4) or init(address='tcp://scheduler:8786'))",
+            info.num_gpus,
+            info.address,
+        )
 
 
 def _worker_runtime() -> Runtime | None:
