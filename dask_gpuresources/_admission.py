@@ -321,10 +321,9 @@ class GPUAdmission(WorkerState):
                 return False
         return gpu.can_place(amount)
 
-    def fits(self, ts: TaskState) -> bool:
-        """Whether ``ts`` may start now: its resources free and no protected request it
-        would pass (Dask's ``_resource_restrictions_satisfied``, as this class answers it)."""
-        return self._resource_restrictions_satisfied(ts)
+    #: Whether a task may start now: its resources free and no protected request it would
+    #: pass (the name the worker's device state asks by; Dask asks the private one).
+    fits = _resource_restrictions_satisfied
 
     def _fits_now(self, ts: TaskState) -> bool:
         """Whether ``ts``'s resources are free now (protection aside)."""

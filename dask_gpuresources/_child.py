@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ._wire import dumps, loads, recv, send
+from ._wire import dumps, loads, pickled, recv, send
 
 __all__ = ["main"]
 
@@ -51,15 +51,9 @@ class ChainedError(Exception):
 
 def _picklable(exc: BaseException) -> bool:
     try:
-        pickle.dumps(exc, protocol=5)
+        pickled(exc)  # as the reply will be: the standard pickler, then cloudpickle
     except Exception:
-        # cloudpickle takes what the standard pickler cannot (dumps tries both)
-        try:
-            import cloudpickle
-
-            cloudpickle.dumps(exc, protocol=5)
-        except Exception:
-            return False
+        return False
     return True
 
 

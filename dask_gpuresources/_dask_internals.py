@@ -28,6 +28,7 @@ __all__ = [
     "actor_address",
     "actor_caller",
     "actor_status",
+    "actor_worker_lost",
     "count_in_process_memory",
     "dashboard_prefix",
     "dask_valid_workers",
@@ -188,6 +189,12 @@ def actor_caller(
         return asyncio.run_coroutine_threadsafe(execute(arg), loop)
 
     return call
+
+
+def actor_worker_lost(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is Dask's error for an actor whose worker was lost (the text of the
+    ``RuntimeError`` that ``Actor`` raises then is all that tells it apart)."""
+    return isinstance(exc, RuntimeError) and "Worker holding Actor was lost" in str(exc)
 
 
 def running_actor_key(worker: object) -> object | None:
@@ -566,7 +573,8 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
         "distributed.actor",
         "Actor._future",
         "a proxy's own future on the actor: released with the last handle "
-        "(release_actor_proxy); its status says the actor's worker is gone (actor_caller)",
+        "(release_actor_proxy); its status says the actor's worker is gone (actor_caller), "
+        "and it raises RuntimeError('Worker holding Actor was lost') then (actor_worker_lost)",
     ),
     (
         "distributed.actor",

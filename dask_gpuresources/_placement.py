@@ -187,11 +187,7 @@ class Placement:
         capacity = round(ws.resources.get(GPU, 0) * UNITS)
         if capacity <= 0:
             return
-        # stranded requests do not take the devices that other requests can use now
-        free = capacity - self._load.get(addr, 0)
-        stranded = self._stranded.get(addr)
-        if stranded:
-            free += sum(stranded.values())
+        free = self._free_units(addr, capacity)
         self._levels.setdefault(capacity, {}).setdefault(free, set()).add(ws)
         self._levels_of[addr] = (capacity, free, ws)
 
@@ -318,7 +314,7 @@ class Placement:
         workers = scheduler.workers
         idle: dict[str, int] = {}
         for addr, capacity in scheduler.resources.get(GPU, {}).items():
-            free = self._free_units(addr, capacity) - incoming.get(addr, 0)
+            free = self._free_units(addr, round(capacity * UNITS)) - incoming.get(addr, 0)
             if free > 0 and workers[addr] in scheduler.running:
                 idle[addr] = free
         if not idle:
@@ -351,9 +347,11 @@ class Placement:
                 if self._move(stealing, ts, ws, units, idle):
                     excess -= units
 
-    def _free_units(self, addr: str, capacity: float) -> int:
-        """Free device units of ``addr``, less the GPU work there that can start there."""
-        free = int(capacity * UNITS) - self._load.get(addr, 0)
+    def _free_units(self, addr: str, capacity: int) -> int:
+        """Free device units of ``addr`` (``capacity`` units), less the GPU work there that
+        can start there: stranded requests do not take the devices that other requests can
+        use now."""
+        free = capacity - self._load.get(addr, 0)
         stranded = self._stranded.get(addr)
         if stranded:
             free += sum(stranded.values())

@@ -327,7 +327,7 @@ class ActorHandle:
             if cause is None:
                 with contextlib.suppress(Exception):
                     cause = self._future.exception(timeout=5)
-            if _worker_lost(cause):
+            if _dask_internals.actor_worker_lost(cause):
                 reason = "its worker died while it was being constructed"
             else:
                 reason = f"its constructor raised {type(cause).__name__}: {cause}"
@@ -378,7 +378,9 @@ class ActorHandle:
                 )
             return call((self._caller, seq, method, payload))
         except RuntimeError as exc:  # "Worker holding Actor was lost"
-            return Failed(self._died("lost" if _worker_lost(exc) else "error", exc))
+            return Failed(
+                self._died("lost" if _dask_internals.actor_worker_lost(exc) else "error", exc)
+            )
 
     def _send_later(
         self, seq: int, method: str, args: tuple, kwargs: dict, payload: bytes | None
@@ -427,11 +429,6 @@ class ActorHandle:
     def _kill(self) -> None:
         self._killed = True
         self._future.cancel(force=True)
-
-
-def _worker_lost(exc: BaseException | None) -> bool:
-    """Whether ``exc`` is Dask's error for an actor whose worker was lost."""
-    return isinstance(exc, RuntimeError) and "Worker holding Actor was lost" in str(exc)
 
 
 def _weak_died(handle: ActorHandle) -> Callable[[str], ActorDiedError]:

@@ -140,7 +140,6 @@ class WorkerDevices:
         #: what undoes each change made to the worker at install, newest last (see close)
         self._undo: list[Any] = []
         self._processes: dict[int, psutil.Process] = {}  # isolated children, by pid
-        self._undo_memory: Any = None
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -177,7 +176,7 @@ class WorkerDevices:
         self._setup_isolation(worker)
         # Isolated children's memory is the worker's: heartbeats, the dashboard and Dask's
         # pause and spill thresholds count it.
-        self._undo_memory = _dask_internals.count_in_process_memory(worker, self.children_memory)
+        self._undo += [_dask_internals.count_in_process_memory(worker, self.children_memory)]
         _dask_internals.set_worker_extension(worker, PLUGIN_NAME, self)
         self._undo += [_dask_internals.set_worker_metric(worker, PLUGIN_NAME, self._heartbeat)]
         _dask_internals.set_worker_handler(worker, PLUGIN_NAME, self.snapshot)
@@ -232,9 +231,6 @@ class WorkerDevices:
         while self._undo:
             self._undo.pop()()
         _dask_internals.set_worker_handler(worker, PLUGIN_NAME, None)
-        if self._undo_memory is not None:
-            self._undo_memory()
-            self._undo_memory = None
         if self.executor is not None:
             self.executor.shutdown(wait=False)
             self.executor = None

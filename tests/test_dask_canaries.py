@@ -138,7 +138,7 @@ async def test_an_actor_proxy_knows_its_worker_and_its_future_errs_when_that_wor
 ):
     # What ActorDiedError names (actor_address), and what ends a facade call to a dead worker
     # at once instead of after Dask's 30 s connect timeout (actor_status in actor_caller).
-    from dask_gpuresources._dask_internals import actor_address, actor_status
+    from dask_gpuresources._dask_internals import actor_address, actor_status, actor_worker_lost
 
     proxy = await c.submit(_Actor, actor=True, workers=[a.address])
     assert actor_address(proxy) == a.address
@@ -148,8 +148,9 @@ async def test_an_actor_proxy_knows_its_worker_and_its_future_errs_when_that_wor
     while actor_status(proxy) != "error":
         assert asyncio.get_running_loop().time() < deadline, actor_status(proxy)
         await asyncio.sleep(0.02)
-    with pytest.raises(RuntimeError, match="Worker holding Actor was lost"):
+    with pytest.raises(RuntimeError, match="Worker holding Actor was lost") as info:
         await proxy._future
+    assert actor_worker_lost(info.value)
 
 
 class _Finds:
